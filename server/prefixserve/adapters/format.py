@@ -1,0 +1,282 @@
+"""The PEFT prefix-adapter format: read, validate, and turn into per-layer key/value prefixes.
+
+A PEFT `save_pretrained` directory holds `adapter_config.json` and `adapter_model.safetensors` with one
+tensor, `prompt_embeddings` of shape [T, L*2*H*D]. Row t viewed as [2L, H, D] holds, for layer l, the
+key (slice 2l) and value (slice 2l+1) of virtual token t. Prefix keys carry no rotary embedding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from prefixserve.adapters.errors import AdapterMismatchError, AdapterTooLargeError, InvalidAdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+TENSOR_NAME = "prompt_embeddings"
+SUPPORTED_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+MAX_ARCHIVE_MEMBERS = 64
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The base model's key/value geometry that an adapter must match."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def token_width(self) -> int:
+        """Width of one row of `prompt_embeddings`."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class PrefixAdapter:
+    """A parsed adapter: its PEFT config and its `prompt_embeddings` ([T, L*2*H*D], on the CPU)."""
+
+    config: dict[str, Any]
+    embeddings: torch.Tensor
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type"))
+
+
+def read_adapter_files(files: Mapping[str, bytes]) -> PrefixAdapter:
+    """Parse the two PEFT files, given by name (basename) → content."""
+    names = set(files)
+    if CONFIG_NAME not in names:
+        got = f" (got {', '.join(sorted(names))})" if names else ""
+        raise InvalidAdapterError(
+            f"missing {CONFIG_NAME}{got}: send both files that PEFT's save_pretrained writes, "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}, or one .zip/.tar.gz holding them"
+        )
+    if WEIGHTS_NAME not in names:
+        pickled = sorted(names & set(PICKLE_NAMES))
+        if pickled:
+            raise InvalidAdapterError(
+                f"{pickled[0]} is a pickle file, which this server never loads (unpickling runs arbitrary code): "
+                "re-save the adapter with safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise InvalidAdapterError(f"missing {WEIGHTS_NAME}: send it together with {CONFIG_NAME}")
+    config = parse_config(files[CONFIG_NAME])
+    embeddings = parse_weights(files[WEIGHTS_NAME])
+    return PrefixAdapter(config=config, embeddings=embeddings)
+
+
+def parse_config(raw: bytes) -> dict[str, Any]:
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapterError(f"{CONFIG_NAME} must hold a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise InvalidAdapterError(
+            f"{CONFIG_NAME}: peft_type is {peft_type!r}; this server serves prefix adapters only "
+            f"(peft_type {' or '.join(SUPPORTED_PEFT_TYPES)}, made with PEFT's PrefixTuningConfig or CartridgeConfig)"
+        )
+    task_type = config.get("task_type")
+    if task_type not in ("CAUSAL_LM", None) or (task_type is None and peft_type == "PREFIX_TUNING"):
+        raise InvalidAdapterError(
+            f"{CONFIG_NAME}: task_type is {task_type!r}; only CAUSAL_LM adapters can be served "
+            "(set task_type=TaskType.CAUSAL_LM when creating the PEFT config)"
+        )
+    for key in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidAdapterError(f"{CONFIG_NAME}: {key} must be a positive integer, got {value!r}")
+    submodules = config.get("num_transformer_submodules", 1)
+    if submodules not in (1, None):
+        raise InvalidAdapterError(
+            f"{CONFIG_NAME}: num_transformer_submodules is {submodules}; encoder-decoder adapters cannot be served"
+        )
+    return config
+
+
+def parse_weights(raw: bytes) -> torch.Tensor:
+    try:
+        tensors = load_safetensors(raw)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise InvalidAdapterError(f"{WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
+    if TENSOR_NAME not in tensors:
+        raise InvalidAdapterError(
+            f"{WEIGHTS_NAME} has no '{TENSOR_NAME}' tensor (found {sorted(tensors)}); "
+            "save the adapter with PEFT's save_pretrained"
+        )
+    embeddings = tensors[TENSOR_NAME]
+    if embeddings.ndim != 2:
+        raise InvalidAdapterError(
+            f"{WEIGHTS_NAME}: '{TENSOR_NAME}' must be 2-D [num_virtual_tokens, width], got {tuple(embeddings.shape)}"
+        )
+    if not embeddings.is_floating_point():
+        raise InvalidAdapterError(f"{WEIGHTS_NAME}: '{TENSOR_NAME}' must be floating point, got {embeddings.dtype}")
+    return embeddings
+
+
+def validate_adapter(adapter: PrefixAdapter, shape: KVShape, max_virtual_tokens: int) -> None:
+    """Check that `adapter` can be served exactly on a base model of this `shape`."""
+    cfg = adapter.config
+    t_config, t_tensor = cfg["num_virtual_tokens"], adapter.num_virtual_tokens
+    if t_tensor != t_config:
+        raise InvalidAdapterError(
+            f"'{TENSOR_NAME}' has {t_tensor} rows but num_virtual_tokens is {t_config}; the files do not belong together"
+        )
+    if t_config > max_virtual_tokens:
+        raise InvalidAdapterError(
+            f"num_virtual_tokens is {t_config}, above this server's limit of {max_virtual_tokens} "
+            "(train a shorter prefix, or raise --max-virtual-tokens)"
+        )
+    expected = {
+        "num_layers": shape.num_layers,
+        "num_attention_heads": shape.num_kv_heads,
+        "token_dim": shape.num_kv_heads * shape.head_dim,
+    }
+    for key, want in expected.items():
+        if cfg[key] != want:
+            raise AdapterMismatchError(
+                f"{CONFIG_NAME}: {key} is {cfg[key]} but the served base model needs {want} "
+                f"({shape.num_layers} layers, {shape.num_kv_heads} key/value heads of size {shape.head_dim}); "
+                f"this adapter was made for another base model (base_model_name_or_path: "
+                f"{cfg.get('base_model_name_or_path')!r})"
+            )
+    width = int(adapter.embeddings.shape[1])
+    if width != shape.token_width:
+        raise AdapterMismatchError(
+            f"'{TENSOR_NAME}' rows have width {width} but the served base model needs "
+            f"{shape.token_width} (= layers {shape.num_layers} x 2 x kv heads {shape.num_kv_heads} x head dim "
+            f"{shape.head_dim})"
+        )
+    if not bool(torch.isfinite(adapter.embeddings).all()):
+        raise InvalidAdapterError(f"'{TENSOR_NAME}' holds NaN or infinite values; the adapter is corrupt")
+
+
+def embeddings_to_kv(embeddings: torch.Tensor, shape: KVShape) -> torch.Tensor:
+    """[T, L*2*H*D] → [L, 2, H, T, D] (layer, key/value, head, virtual token, channel)."""
+    t = embeddings.shape[0]
+    kv = embeddings.view(t, shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
+    return kv.permute(1, 2, 3, 0, 4).contiguous()
+
+
+def kv_to_embeddings(kv: torch.Tensor) -> torch.Tensor:
+    """Inverse of `embeddings_to_kv`: [L, 2, H, T, D] → [T, L*2*H*D]."""
+    t = kv.shape[3]
+    return kv.permute(3, 0, 1, 2, 4).reshape(t, -1).contiguous()
+
+
+def read_adapter_dir(path: Path) -> PrefixAdapter:
+    if not path.is_dir():
+        raise InvalidAdapterError(f"{path} is not a directory")
+    files = {p.name: p.read_bytes() for p in path.iterdir() if p.name in (CONFIG_NAME, WEIGHTS_NAME)}
+    for name in PICKLE_NAMES:
+        if (path / name).exists() and WEIGHTS_NAME not in files:
+            files[name] = b""
+    return read_adapter_files(files)
+
+
+def read_adapter_archive(data: bytes, filename: str, max_unpacked_bytes: int) -> PrefixAdapter:
+    """Read a .zip / .tar / .tar.gz of a PEFT adapter directory, taking only regular files by basename."""
+    return read_adapter_files(extract_archive(data, filename, max_unpacked_bytes))
+
+
+def is_archive_name(filename: str) -> bool:
+    name = filename.lower()
+    return name.endswith((".zip", ".tar", ".tar.gz", ".tgz"))
+
+
+def extract_archive(data: bytes, filename: str, max_unpacked_bytes: int) -> dict[str, bytes]:
+    name = filename.lower()
+    try:
+        if name.endswith(".zip"):
+            return _extract_zip(data, max_unpacked_bytes)
+        return _extract_tar(data, max_unpacked_bytes)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise InvalidAdapterError(f"{filename} is not a readable archive: {exc}") from None
+
+
+def _safe_member_name(name: str) -> str:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts:
+        raise InvalidAdapterError(f"archive member {name!r} has an unsafe path (absolute or '..'); refusing the archive")
+    return path.name
+
+
+def _count_members(count: int) -> None:
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise InvalidAdapterError(
+            f"archive holds more than {MAX_ARCHIVE_MEMBERS} entries; send only the adapter directory"
+        )
+
+
+def _add_member(out: dict[str, bytes], name: str, content: bytes, total: int, limit: int) -> int:
+    total += len(content)
+    if total > limit:
+        raise AdapterTooLargeError(f"archive unpacks to more than {limit // 2**20} MB; the adapter is too large")
+    if name in out:
+        raise InvalidAdapterError(f"archive holds {name} twice; send one adapter per archive")
+    out[name] = content
+    return total
+
+
+def _extract_zip(data: bytes, limit: int) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    total = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+        _count_members(len(infos))
+        for info in infos:
+            base = _safe_member_name(info.filename)
+            if info.is_dir():
+                continue
+            mode = (info.external_attr >> 16) & 0o170000
+            if mode not in (0, 0o100000):
+                raise InvalidAdapterError(f"archive member {info.filename!r} is a link or special file; refusing it")
+            if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
+                continue
+            if info.file_size > limit:
+                raise AdapterTooLargeError(f"archive member {base} unpacks to more than {limit // 2**20} MB")
+            with archive.open(info) as member:
+                content = member.read(limit + 1)
+            total = _add_member(out, base, content, total, limit)
+    return out
+
+
+def _extract_tar(data: bytes, limit: int) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    total = 0
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+        members = archive.getmembers()
+        _count_members(len(members))
+        for member in members:
+            base = _safe_member_name(member.name)
+            if member.isdir():
+                continue
+            if not member.isfile():
+                raise InvalidAdapterError(f"archive member {member.name!r} is a link or special file; refusing it")
+            if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
+                continue
+            if member.size > limit:
+                raise AdapterTooLargeError(f"archive member {base} unpacks to more than {limit // 2**20} MB")
+            extracted = archive.extractfile(member)
+            content = extracted.read(limit + 1) if extracted else b""
+            total = _add_member(out, base, content, total, limit)
+    return out

@@ -1,0 +1,172 @@
+"""The adapter registry: ready-to-use K/V prefixes on the device, LRU by bytes, over the durable store.
+
+A running request keeps its own reference to the prefix it was admitted with, so evicting or replacing
+an adapter never frees memory under it; new requests get the new version. Each cached entry is checked
+against the store at most every `refresh_seconds`, which bounds how long a replica can serve a version
+that another replica has replaced or deleted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from cachetools import LRUCache
+
+from prefixserve import metrics
+from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError
+from prefixserve.adapters.format import KVShape, PrefixAdapter, embeddings_to_kv, validate_adapter
+from prefixserve.adapters.ids import COMPOSE_SEPARATOR
+from prefixserve.adapters.store import AdapterInfo, AdapterStore
+
+AdapterKey = tuple[str, tuple[str, ...]]  # (namespace, adapter ids in composition order)
+
+
+@dataclass(frozen=True)
+class LoadedPrefix:
+    """An adapter (or a composition of adapters) ready for the engine."""
+
+    namespace: str
+    adapter_ids: tuple[str, ...]
+    sha256: tuple[str, ...]
+    kv: torch.Tensor  # [layers, 2, kv_heads, num_virtual_tokens, head_dim], model dtype, on device
+
+    @property
+    def name(self) -> str:
+        return COMPOSE_SEPARATOR.join(self.adapter_ids)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.kv.shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass
+class _Entry:
+    prefix: LoadedPrefix
+    version: object  # store fingerprint, or component hashes for a composition
+    checked_at: float
+
+
+class _CountingLRU(LRUCache):
+    def popitem(self):  # type: ignore[override]
+        item = super().popitem()
+        metrics.ADAPTER_CACHE_EVICTIONS.inc()
+        return item
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        shape: KVShape,
+        dtype: torch.dtype,
+        device: torch.device,
+        cache_bytes: int,
+        max_virtual_tokens: int,
+        refresh_seconds: float,
+    ) -> None:
+        self.store = store
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+        self.max_virtual_tokens = max_virtual_tokens
+        self.refresh_seconds = refresh_seconds
+        self._cache: LRUCache[AdapterKey, _Entry] = _CountingLRU(
+            maxsize=cache_bytes, getsizeof=lambda entry: entry.prefix.nbytes
+        )
+        self._lock = threading.RLock()
+
+    def validate(self, adapter: PrefixAdapter) -> None:
+        validate_adapter(adapter, self.shape, self.max_virtual_tokens)
+
+    def put(self, namespace: str, adapter_id: str, adapter: PrefixAdapter) -> tuple[AdapterInfo, bool]:
+        """Validate, store durably, and make new requests see this version."""
+        self.validate(adapter)
+        info, created = self.store.put(namespace, adapter_id, adapter)
+        self.invalidate(namespace, adapter_id)
+        return info, created
+
+    def delete(self, namespace: str, adapter_id: str) -> None:
+        self.store.delete(namespace, adapter_id)
+        self.invalidate(namespace, adapter_id)
+
+    def invalidate(self, namespace: str, adapter_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == namespace and adapter_id in k[1]]:
+                del self._cache[key]
+            self._update_bytes_gauge()
+
+    def is_loaded(self, namespace: str, adapter_id: str) -> bool:
+        with self._lock:
+            return (namespace, (adapter_id,)) in self._cache
+
+    def loaded(self) -> list[AdapterKey]:
+        with self._lock:
+            return list(self._cache.keys())
+
+    def get(self, namespace: str, adapter_ids: tuple[str, ...]) -> LoadedPrefix:
+        """The prefix for `adapter_ids` (one id, or several to concatenate in order)."""
+        with self._lock:
+            if len(adapter_ids) == 1:
+                return self._get_single(namespace, adapter_ids[0])
+            return self._get_composed(namespace, adapter_ids)
+
+    def _get_single(self, namespace: str, adapter_id: str) -> LoadedPrefix:
+        key = (namespace, (adapter_id,))
+        entry = self._cache.get(key)
+        now = time.monotonic()
+        if entry is not None:
+            if now - entry.checked_at < self.refresh_seconds:
+                metrics.ADAPTER_CACHE_HITS.inc()
+                return entry.prefix
+            fingerprint = self.store.fingerprint(namespace, adapter_id)
+            if fingerprint == entry.version:
+                entry.checked_at = now
+                metrics.ADAPTER_CACHE_HITS.inc()
+                return entry.prefix
+            del self._cache[key]
+            if fingerprint is None:
+                raise AdapterNotFoundError(adapter_id)
+        metrics.ADAPTER_CACHE_MISSES.inc()
+        start = time.perf_counter()
+        adapter, info, fingerprint = self.store.load(namespace, adapter_id)
+        self.validate(adapter)
+        kv = embeddings_to_kv(adapter.embeddings.to(self.dtype), self.shape).to(self.device)
+        prefix = LoadedPrefix(namespace, (adapter_id,), (info.sha256,), kv)
+        self._insert(key, _Entry(prefix, fingerprint, now))
+        metrics.ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - start)
+        return prefix
+
+    def _get_composed(self, namespace: str, adapter_ids: tuple[str, ...]) -> LoadedPrefix:
+        parts = [self._get_single(namespace, adapter_id) for adapter_id in adapter_ids]
+        version = tuple(p.sha256[0] for p in parts)
+        key = (namespace, adapter_ids)
+        entry = self._cache.get(key)
+        if entry is not None and entry.version == version:
+            return entry.prefix
+        total = sum(p.num_virtual_tokens for p in parts)
+        if total > self.max_virtual_tokens:
+            raise InvalidAdapterError(
+                f"composition {COMPOSE_SEPARATOR.join(adapter_ids)!r} has {total} virtual tokens, above this "
+                f"server's limit of {self.max_virtual_tokens}; compose fewer or shorter adapters"
+            )
+        kv = torch.cat([p.kv for p in parts], dim=3)
+        prefix = LoadedPrefix(namespace, adapter_ids, version, kv)
+        self._insert(key, _Entry(prefix, version, time.monotonic()))
+        return prefix
+
+    def _insert(self, key: AdapterKey, entry: _Entry) -> None:
+        try:
+            self._cache[key] = entry
+        except ValueError:
+            pass  # larger than the whole cache budget: serve it uncached
+        self._update_bytes_gauge()
+
+    def _update_bytes_gauge(self) -> None:
+        metrics.ADAPTER_CACHE_BYTES.set(self._cache.currsize)

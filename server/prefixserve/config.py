@@ -1,0 +1,83 @@
+"""Settings: one source for CLI flags (`--max-batch-size 8`) and env vars (`PREFIXSERVE_MAX_BATCH_SIZE=8`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PREFIXSERVE_",
+        cli_kebab_case=True,
+        cli_prog_name="prefixserve serve",
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    # Model
+    model: str = Field(
+        "tiny",
+        description="Base model: a Hugging Face hub id, a local directory, or 'tiny' for the built-in demo model.",
+    )
+    model_name: str | None = Field(
+        None, description="Name under which the base model is served (OpenAI `model`); default: --model."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = bfloat16 on cuda (float16 where bf16 is unsupported), float32 on cpu."
+    )
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+
+    # Limits
+    max_batch_size: int = Field(16, ge=1, description="Most rows decoded together in one forward pass.")
+    max_queue_size: int = Field(256, ge=0, description="Most requests waiting for a row; more get 429.")
+    max_total_tokens: int = Field(
+        2048, ge=2, description="Most tokens of one row: adapter prefix + prompt + generated tokens."
+    )
+    max_input_tokens: int = Field(1024, ge=1, description="Longest prompt accepted, in tokens.")
+    max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
+    default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when a request gives none.")
+    max_prefill_tokens: int = Field(
+        4096, ge=1, description="Token budget of one prefill step (prefix + prompt tokens of the rows joining)."
+    )
+
+    # Adapters
+    adapter_dir: Path = Field(Path("adapter-store"), description="Durable adapter store (a shared volume).")
+    adapter_cache_mb: float = Field(
+        512.0, gt=0, description="Device memory for ready-to-use adapter prefixes (LRU by bytes)."
+    )
+    max_virtual_tokens: int = Field(256, ge=1, description="Largest num_virtual_tokens an adapter may have.")
+    max_adapter_mb: float = Field(64.0, gt=0, description="Largest adapter upload accepted, in MB.")
+    adapter_refresh_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="How stale a cached adapter may be before the store is checked for a newer version "
+        "(matters when several replicas share one store).",
+    )
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
+    json_logs: bool = Field(False, description="Log one JSON object per line.")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must not exceed "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"max_input_tokens ({self.max_input_tokens}) must be below max_total_tokens "
+                f"({self.max_total_tokens}) to leave room for generated tokens"
+            )
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.model

@@ -1,0 +1,98 @@
+"""Runs the frozen base model over a batch of rows, each with its own adapter prefix.
+
+Two small pure-ish steps in the gpt-fast style: `prefill` (rows joining the batch: prefix copied into
+their cache rows, prompts right-padded into one forward) and `decode` (one token for every running row).
+Both return next-token logits, one row per sequence, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from prefixserve.adapters.format import KVShape
+from prefixserve.engine.kv_cache import SlotKVCache
+from prefixserve.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        shape: KVShape,
+        max_rows: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pad_token_id: int = 0,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
+        self.cache = SlotKVCache(shape, max_rows, max_length, dtype, device)
+        self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+        self._mask_dtype = dtype
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Process the prompts of `seqs` (whose slots are consecutive rows) and return their next-token logits."""
+        first_row = seqs[0].slot
+        assert [s.slot for s in seqs] == list(range(first_row, first_row + len(seqs))), "prefill rows must be compact"
+        for seq in seqs:
+            if seq.prefix is not None:
+                self.cache.write_prefix(seq.slot, seq.prefix.kv)
+        prefix_lens = torch.tensor([s.num_virtual_tokens for s in seqs])
+        prompt_lens = torch.tensor([s.num_prompt_tokens for s in seqs])
+        width = int(prompt_lens.max())
+        self.cache.ensure_capacity(min(self.max_length, int(prefix_lens.max()) + width))
+        capacity = self.cache.capacity
+
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            input_ids[i, : seq.num_prompt_tokens] = torch.tensor(seq.prompt_ids)
+        # Padding queries (past a row's prompt) write beyond the row's valid length, where later tokens overwrite them.
+        index = prefix_lens[:, None] + torch.arange(width)[None, :]
+        write_index = index.clamp(max=capacity - 1)
+        read_length = min(capacity, int(index.max()) + 1)
+        visible = torch.arange(read_length)[None, None, :] <= index[:, :, None]
+        batch_kv = self.cache.batch(slice(first_row, first_row + len(seqs)), write_index.to(self.device), read_length)
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=self._mask(visible),
+            position_ids=index.clamp(max=self.max_length - 1).to(self.device),
+            past_key_values=batch_kv,
+            use_cache=True,
+            logits_to_keep=(prompt_lens - 1).view(-1, 1).to(self.device),
+        ).logits
+        return logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feed back the last token of every running row (rows 0..n-1, in order) and return next-token logits."""
+        n = len(seqs)
+        positions = torch.tensor([s.cache_length for s in seqs])
+        read_length = int(positions.max()) + 1
+        self.cache.ensure_capacity(read_length)
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
+        visible = torch.arange(read_length)[None, None, :] <= positions[:, None, None]
+        batch_kv = self.cache.batch(slice(0, n), positions.view(n, 1).to(self.device), read_length)
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=self._mask(visible),
+            position_ids=positions.view(n, 1).to(self.device),
+            past_key_values=batch_kv,
+            use_cache=True,
+        ).logits
+        return logits[:, -1, :].float()
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        self.cache.move_row(src, dst, length)
+
+    def _mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """[rows, queries, keys] visibility → the 4-D mask the attention implementation expects."""
+        mask = visible[:, None].to(self.device)
+        if self._bool_mask:
+            return mask
+        zero = torch.zeros((), dtype=self._mask_dtype, device=self.device)
+        return torch.where(mask, zero, torch.finfo(self._mask_dtype).min)
