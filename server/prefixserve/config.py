@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = bfloat16 on cuda (float16 where bf16 is unsupported), float32 on cpu."
     )
-    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: torch's choice)."
+    )
 
     # Limits
     max_batch_size: int = Field(16, ge=1, description="Most rows decoded together in one forward pass.")
@@ -42,7 +44,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when a request gives none.")
     max_prefill_tokens: int = Field(
-        4096, ge=1, description="Token budget of one prefill step (prefix + prompt tokens of the rows joining)."
+        4096,
+        ge=1,
+        description="Token budget of one prefill step (prefix + prompt tokens of the rows joining).",
     )
 
     # Adapters

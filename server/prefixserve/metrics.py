@@ -7,14 +7,20 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 ADAPTER_CACHE_HITS = Counter("prefixserve_adapter_cache_hits", "Adapter lookups served from device memory")
-ADAPTER_CACHE_MISSES = Counter("prefixserve_adapter_cache_misses", "Adapter lookups that loaded from the store")
-ADAPTER_CACHE_EVICTIONS = Counter("prefixserve_adapter_cache_evictions", "Adapters evicted from device memory")
+ADAPTER_CACHE_MISSES = Counter(
+    "prefixserve_adapter_cache_misses", "Adapter lookups that loaded from the store"
+)
+ADAPTER_CACHE_EVICTIONS = Counter(
+    "prefixserve_adapter_cache_evictions", "Adapters evicted from device memory"
+)
 ADAPTER_LOAD_SECONDS = Histogram(
     "prefixserve_adapter_load_seconds",
     "Time to load an adapter from the store into device memory",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
-ADAPTER_CACHE_BYTES = Gauge("prefixserve_adapter_cache_bytes", "Bytes of adapter prefixes held in device memory")
+ADAPTER_CACHE_BYTES = Gauge(
+    "prefixserve_adapter_cache_bytes", "Bytes of adapter prefixes held in device memory"
+)
 
 REQUEST_COUNT = Counter("prefixserve_request_count", "Generation requests finished", ["finish_reason"])
 REQUEST_SUCCESS = Counter("prefixserve_request_success", "Generation requests that finished without error")
@@ -23,10 +29,14 @@ REQUEST_DURATION = Histogram(
     "prefixserve_request_duration_seconds", "End-to-end request time", buckets=_LATENCY_BUCKETS
 )
 REQUEST_QUEUE_DURATION = Histogram(
-    "prefixserve_request_queue_duration_seconds", "Time spent waiting for a batch row", buckets=_LATENCY_BUCKETS
+    "prefixserve_request_queue_duration_seconds",
+    "Time spent waiting for a batch row",
+    buckets=_LATENCY_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "prefixserve_time_to_first_token_seconds", "Time from arrival to the first token", buckets=_LATENCY_BUCKETS
+    "prefixserve_time_to_first_token_seconds",
+    "Time from arrival to the first token",
+    buckets=_LATENCY_BUCKETS,
 )
 TIME_PER_OUTPUT_TOKEN = Histogram(
     "prefixserve_time_per_output_token_seconds",

@@ -17,10 +17,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from prefixserve.adapters.errors import AdapterMismatchError, AdapterTooLargeError, InvalidAdapterError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-
-from prefixserve.adapters.errors import AdapterMismatchError, AdapterTooLargeError, InvalidAdapterError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -129,7 +128,9 @@ def parse_weights(raw: bytes) -> torch.Tensor:
             f"{WEIGHTS_NAME}: '{TENSOR_NAME}' must be 2-D [num_virtual_tokens, width], got {tuple(embeddings.shape)}"
         )
     if not embeddings.is_floating_point():
-        raise InvalidAdapterError(f"{WEIGHTS_NAME}: '{TENSOR_NAME}' must be floating point, got {embeddings.dtype}")
+        raise InvalidAdapterError(
+            f"{WEIGHTS_NAME}: '{TENSOR_NAME}' must be floating point, got {embeddings.dtype}"
+        )
     return embeddings
 
 
@@ -216,7 +217,9 @@ def extract_archive(data: bytes, filename: str, max_unpacked_bytes: int) -> dict
 def _safe_member_name(name: str) -> str:
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts:
-        raise InvalidAdapterError(f"archive member {name!r} has an unsafe path (absolute or '..'); refusing the archive")
+        raise InvalidAdapterError(
+            f"archive member {name!r} has an unsafe path (absolute or '..'); refusing the archive"
+        )
     return path.name
 
 
@@ -230,7 +233,9 @@ def _count_members(count: int) -> None:
 def _add_member(out: dict[str, bytes], name: str, content: bytes, total: int, limit: int) -> int:
     total += len(content)
     if total > limit:
-        raise AdapterTooLargeError(f"archive unpacks to more than {limit // 2**20} MB; the adapter is too large")
+        raise AdapterTooLargeError(
+            f"archive unpacks to more than {limit // 2**20} MB; the adapter is too large"
+        )
     if name in out:
         raise InvalidAdapterError(f"archive holds {name} twice; send one adapter per archive")
     out[name] = content
@@ -249,7 +254,9 @@ def _extract_zip(data: bytes, limit: int) -> dict[str, bytes]:
                 continue
             mode = (info.external_attr >> 16) & 0o170000
             if mode not in (0, 0o100000):
-                raise InvalidAdapterError(f"archive member {info.filename!r} is a link or special file; refusing it")
+                raise InvalidAdapterError(
+                    f"archive member {info.filename!r} is a link or special file; refusing it"
+                )
             if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
                 continue
             if info.file_size > limit:
@@ -271,7 +278,9 @@ def _extract_tar(data: bytes, limit: int) -> dict[str, bytes]:
             if member.isdir():
                 continue
             if not member.isfile():
-                raise InvalidAdapterError(f"archive member {member.name!r} is a link or special file; refusing it")
+                raise InvalidAdapterError(
+                    f"archive member {member.name!r} is a link or special file; refusing it"
+                )
             if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
                 continue
             if member.size > limit:
@@ -280,3 +289,27 @@ def _extract_tar(data: bytes, limit: int) -> dict[str, bytes]:
             content = extracted.read(limit + 1) if extracted else b""
             total = _add_member(out, base, content, total, limit)
     return out
+
+
+def read_upload(files: list[tuple[str, bytes]], max_bytes: int) -> PrefixAdapter:
+    """An upload is either the PEFT file pair or a single archive holding it."""
+    total = sum(len(content) for _, content in files)
+    if total > max_bytes:
+        raise AdapterTooLargeError(
+            f"upload is {total / 2**20:.1f} MB, above this server's limit of {max_bytes / 2**20:.1f} MB (--max-adapter-mb)"
+        )
+    if not files:
+        raise InvalidAdapterError(
+            f"no files in the upload: send multipart field 'files' with {CONFIG_NAME} and {WEIGHTS_NAME}, "
+            "or one .zip/.tar.gz of the adapter directory"
+        )
+    if len(files) == 1 and is_archive_name(files[0][0]):
+        name, data = files[0]
+        return read_adapter_archive(data, name, max_bytes)
+    by_name: dict[str, bytes] = {}
+    for name, content in files:
+        base = PurePosixPath(name.replace("\\", "/")).name
+        if base in by_name:
+            raise InvalidAdapterError(f"{base} was sent twice; send each file once")
+        by_name[base] = content
+    return read_adapter_files(by_name)

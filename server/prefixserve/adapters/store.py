@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
-
 from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError
 from prefixserve.adapters.format import TENSOR_NAME, PrefixAdapter, parse_config, parse_weights
 from prefixserve.adapters.ids import validate_adapter_id
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
 
 FILE_SUFFIX = ".safetensors"
 FORMAT_TAG = "prefixserve.adapter/1"
@@ -62,7 +61,9 @@ class AdapterStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         config_json = json.dumps(adapter.config, sort_keys=True)
         tensors = {TENSOR_NAME: adapter.embeddings.contiguous()}
-        sha256 = hashlib.sha256(save_safetensors(tensors, metadata={"adapter_config": config_json})).hexdigest()
+        sha256 = hashlib.sha256(
+            save_safetensors(tensors, metadata={"adapter_config": config_json})
+        ).hexdigest()
         try:
             created_at = self.info(namespace, adapter_id).created_at
             created = False

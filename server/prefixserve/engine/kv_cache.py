@@ -39,13 +39,19 @@ class SlotKVCache:
         """Grow the position dimension (amortized doubling) so that `length` positions fit."""
         if length <= self.capacity:
             return
-        new_capacity = min(self.max_length, max(2 * self.capacity, -(-length // _GROWTH_QUANTUM) * _GROWTH_QUANTUM))
+        new_capacity = min(
+            self.max_length, max(2 * self.capacity, -(-length // _GROWTH_QUANTUM) * _GROWTH_QUANTUM)
+        )
         if new_capacity < length:
             raise ValueError(f"a row of {length} positions exceeds the cache's maximum of {self.max_length}")
         # Zeros, not empty: masked keys still enter the softmax-weighted sum as 0 * value, and 0 * NaN is NaN.
         size = (self.max_rows, self.shape.num_kv_heads, new_capacity, self.shape.head_dim)
-        new_keys = [torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(self.shape.num_layers)]
-        new_values = [torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(self.shape.num_layers)]
+        new_keys = [
+            torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(self.shape.num_layers)
+        ]
+        new_values = [
+            torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(self.shape.num_layers)
+        ]
         for old, new in zip(self.keys + self.values, new_keys + new_values):
             new[:, :, : self.capacity].copy_(old)
         self.keys, self.values, self.capacity = new_keys, new_values, new_capacity
@@ -83,7 +89,12 @@ class BatchKV:
         self._index = write_index.view(n, 1, q, 1).expand(n, shape.num_kv_heads, q, shape.head_dim)
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.cache.keys[layer_idx][self.rows]
         values = self.cache.values[layer_idx][self.rows]

@@ -38,7 +38,9 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Process the prompts of `seqs` (whose slots are consecutive rows) and return their next-token logits."""
         first_row = seqs[0].slot
-        assert [s.slot for s in seqs] == list(range(first_row, first_row + len(seqs))), "prefill rows must be compact"
+        assert [s.slot for s in seqs] == list(range(first_row, first_row + len(seqs))), (
+            "prefill rows must be compact"
+        )
         for seq in seqs:
             if seq.prefix is not None:
                 self.cache.write_prefix(seq.slot, seq.prefix.kv)
@@ -56,7 +58,9 @@ class ModelRunner:
         write_index = index.clamp(max=capacity - 1)
         read_length = min(capacity, int(index.max()) + 1)
         visible = torch.arange(read_length)[None, None, :] <= index[:, :, None]
-        batch_kv = self.cache.batch(slice(first_row, first_row + len(seqs)), write_index.to(self.device), read_length)
+        batch_kv = self.cache.batch(
+            slice(first_row, first_row + len(seqs)), write_index.to(self.device), read_length
+        )
         logits = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=self._mask(visible),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prefixserve.adapters.registry import LoadedPrefix
+from prefixserve.engine.detokenizer import OutputText
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Sequence:
     cancelled: bool = False
     first_token_time: float | None = None
     admitted_time: float | None = None
+    text: OutputText | None = None
 
     @property
     def num_virtual_tokens(self) -> int:

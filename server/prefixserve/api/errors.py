@@ -1,0 +1,80 @@
+"""Every error leaves as `{"error": str, "error_type": str}` with TGI's status codes, and no stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError as FastAPIValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prefixserve import metrics
+from prefixserve.adapters.errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+)
+from prefixserve.engine.errors import EngineError, EngineStoppedError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.headers = headers
+
+
+def error_response(
+    status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    metrics.REQUEST_FAILURE.labels(error_type).inc()
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def status_for(exc: Exception) -> int:
+    if isinstance(exc, AdapterNotFoundError):
+        return 404
+    if isinstance(exc, AdapterTooLargeError):
+        return 413
+    if isinstance(exc, QueueFullError):
+        return 429
+    if isinstance(exc, EngineStoppedError):
+        return 503
+    return 422
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
+
+    @app.exception_handler(AdapterError)
+    @app.exception_handler(EngineError)
+    async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+        status = status_for(exc)
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        return error_response(status, str(exc), getattr(exc, "error_type", "error"), headers)
+
+    @app.exception_handler(FastAPIValidationError)
+    async def _validation_error(request: Request, exc: FastAPIValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(422, "; ".join(problems) or "invalid request", "validation")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error; the request id is in the server log", "internal")

@@ -1,0 +1,121 @@
+"""Adapter management: upload (create/replace), list, inspect, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from pydantic import BaseModel
+
+from prefixserve.adapters.errors import AdapterTooLargeError
+from prefixserve.adapters.format import read_upload
+from prefixserve.adapters.ids import validate_adapter_id
+from prefixserve.adapters.store import AdapterInfo
+from prefixserve.api.schemas import AdapterCreated
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+class AdapterSummary(BaseModel):
+    id: str
+    peft_type: str
+    num_virtual_tokens: int
+    sha256: str
+    size_bytes: int
+    created_at: float
+    updated_at: float
+    loaded: bool
+    base_model_name_or_path: str | None = None
+    prefix_projection: bool | None = None
+
+
+class AdapterList(BaseModel):
+    data: list[AdapterSummary]
+    next_cursor: str | None = None
+
+
+def _read_files(files: list[UploadFile], max_bytes: int) -> list[tuple[str, bytes]]:
+    out, total = [], 0
+    for upload in files:
+        content = upload.file.read(max_bytes + 1 - total)
+        total += len(content)
+        if total > max_bytes:
+            raise AdapterTooLargeError(
+                f"upload is above this server's limit of {max_bytes / 2**20:.1f} MB (--max-adapter-mb)"
+            )
+        out.append((upload.filename or "", content))
+    return out
+
+
+def _summary(info: AdapterInfo, loaded: bool) -> AdapterSummary:
+    return AdapterSummary(
+        id=info.adapter_id,
+        peft_type=info.peft_type,
+        num_virtual_tokens=info.num_virtual_tokens,
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        created_at=info.created_at,
+        updated_at=info.updated_at,
+        loaded=loaded,
+        base_model_name_or_path=info.config.get("base_model_name_or_path"),
+        prefix_projection=info.config.get("prefix_projection"),
+    )
+
+
+def _store(request: Request, adapter_id: str, files: list[UploadFile], response: Response) -> AdapterCreated:
+    state = request.app.state.server
+    validate_adapter_id(adapter_id)
+    max_bytes = int(state.settings.max_adapter_mb * 2**20)
+    adapter = read_upload(_read_files(files, max_bytes), max_bytes)
+    info, created = state.registry.put(state.namespace(request), adapter_id, adapter)
+    response.status_code = 201 if created else 200
+    return AdapterCreated(
+        id=adapter_id,
+        num_virtual_tokens=info.num_virtual_tokens,
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+    )
+
+
+@router.put("/{adapter_id}", response_model=AdapterCreated, status_code=201)
+def put_adapter(
+    adapter_id: str, request: Request, response: Response, files: list[UploadFile] = File(...)
+) -> AdapterCreated:
+    """Create (201) or replace (200) an adapter from the files PEFT's save_pretrained writes, or one archive."""
+    return _store(request, adapter_id, files, response)
+
+
+@router.post("", response_model=AdapterCreated, status_code=201)
+def post_adapter(
+    request: Request, response: Response, adapter_id: str = Form(...), files: list[UploadFile] = File(...)
+) -> AdapterCreated:
+    """Same as PUT /v1/adapters/{adapter_id}, with the id as form field `adapter_id`."""
+    return _store(request, adapter_id, files, response)
+
+
+@router.get("", response_model=AdapterList)
+def list_adapters(request: Request, limit: int = 100, after: str | None = None) -> AdapterList:
+    """Adapters sorted by id; pass `after=<next_cursor>` for the next page."""
+    state = request.app.state.server
+    namespace = state.namespace(request)
+    limit = max(1, min(limit, 1000))
+    infos = [i for i in state.store.list(namespace) if after is None or i.adapter_id > after]
+    page = infos[:limit]
+    return AdapterList(
+        data=[_summary(i, state.registry.is_loaded(namespace, i.adapter_id)) for i in page],
+        next_cursor=page[-1].adapter_id if len(infos) > limit else None,
+    )
+
+
+@router.get("/{adapter_id}", response_model=AdapterSummary)
+def get_adapter(adapter_id: str, request: Request) -> AdapterSummary:
+    state = request.app.state.server
+    namespace = state.namespace(request)
+    info = state.store.info(namespace, validate_adapter_id(adapter_id))
+    return _summary(info, state.registry.is_loaded(namespace, adapter_id))
+
+
+@router.delete("/{adapter_id}", status_code=204)
+def delete_adapter(adapter_id: str, request: Request) -> Response:
+    """Running requests finish with the version they started with; new requests get 404."""
+    state = request.app.state.server
+    state.registry.delete(state.namespace(request), validate_adapter_id(adapter_id))
+    return Response(status_code=204)

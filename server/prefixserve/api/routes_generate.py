@@ -1,0 +1,110 @@
+"""TGI/LoRAX-style generation: `POST /generate`, `POST /generate_stream`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import StreamingResponse
+
+from prefixserve.api.errors import APIError
+from prefixserve.api.generation import adapter_ref, collect, events, start
+from prefixserve.api.schemas import (
+    Details,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
+from prefixserve.engine.sequence import SamplingParams, TokenEvent
+
+router = APIRouter(tags=["generation (TGI/LoRAX)"])
+
+
+def sampling_params(p: GenerateParameters, default_max_new_tokens: int) -> SamplingParams:
+    if p.decoder_input_details:
+        raise APIError(
+            422, "parameters.decoder_input_details is not supported; set it to false", "validation"
+        )
+    # As TGI does: any sampling knob turns sampling on.
+    do_sample = (
+        p.do_sample or p.temperature not in (None, 1.0) or p.top_k is not None or p.top_p not in (None, 1.0)
+    )
+    return SamplingParams(
+        max_new_tokens=p.max_new_tokens or default_max_new_tokens,
+        do_sample=do_sample,
+        temperature=p.temperature or 1.0,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        repetition_penalty=p.repetition_penalty,
+        seed=p.seed,
+        stop=tuple(p.stop),
+    )
+
+
+def _token(event: TokenEvent) -> Token:
+    return Token(id=event.token_id, text=event.token_text, logprob=event.logprob, special=event.special)
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+async def generate(
+    body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)
+) -> GenerateResponse:
+    """Generate text for `inputs`, with the adapter named in `parameters.adapter_id` or the `X-Adapter-Id` header."""
+    state = request.app.state.server
+    if body.stream:
+        raise APIError(422, "stream=true: use POST /generate_stream for a streamed response", "validation")
+    params = sampling_params(body.parameters, state.settings.default_max_new_tokens)
+    adapter = adapter_ref(body.parameters.adapter_id or x_adapter_id, state.namespace(request))
+    stream, _ = await start(state.engine, body.inputs, adapter, params)
+    out = await collect(stream, request)
+    seq = stream.seq
+    text = body.inputs + out.text if body.parameters.return_full_text else out.text
+    details = None
+    if body.parameters.details:
+        tokens = [_token(e) for e in out.tokens]
+        details = Details(
+            finish_reason=out.finish_reason.value,
+            generated_tokens=len(tokens),
+            seed=seq.params.seed if seq.params.do_sample else None,
+            tokens=tokens,
+        )
+    return GenerateResponse(generated_text=text, details=details)
+
+
+@router.post("/generate_stream")
+async def generate_stream(
+    body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)
+) -> StreamingResponse:
+    """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
+    state = request.app.state.server
+    params = sampling_params(body.parameters, state.settings.default_max_new_tokens)
+    adapter = adapter_ref(body.parameters.adapter_id or x_adapter_id, state.namespace(request))
+    stream, _ = await start(state.engine, body.inputs, adapter, params)
+    prefix = body.inputs if body.parameters.return_full_text else ""
+
+    async def sse() -> AsyncIterator[str]:
+        text, index = "", 0
+        try:
+            async for event in events(stream):
+                text += event.text_delta
+                if event.token_id < 0:
+                    continue
+                index += 1
+                chunk = StreamResponse(index=index, token=_token(event))
+                if event.finish_reason is not None:
+                    seq = stream.seq
+                    chunk.generated_text = prefix + text
+                    chunk.details = StreamDetails(
+                        finish_reason=event.finish_reason.value,
+                        generated_tokens=index,
+                        seed=seq.params.seed if seq.params.do_sample else None,
+                    )
+                yield f"data: {chunk.model_dump_json()}\n\n"
+        except APIError as exc:
+            yield f"data: {json.dumps({'error': exc.message, 'error_type': exc.error_type})}\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,74 @@
+"""Wire schemas: TGI/LoRAX generation and adapter management."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateParameters(BaseModel):
+    """TGI's `parameters`, with LoRAX's `adapter_id`. Unknown fields are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = Field(
+        None, description="Adapter to serve; null = the base model. `a+b` composes."
+    )
+    max_new_tokens: int | None = Field(None, ge=1)
+    do_sample: bool = False
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    return_full_text: bool = False
+    details: bool = False
+    decoder_input_details: bool = Field(False, description="Not supported; must be false.")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class Details(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    prefill: list[Token] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+
+
+class StreamResponse(BaseModel):
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class AdapterCreated(BaseModel):
+    id: str
+    num_virtual_tokens: int
+    sha256: str
+    size_bytes: int

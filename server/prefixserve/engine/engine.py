@@ -1,0 +1,252 @@
+"""The engine: admits requests, runs one step at a time (schedule → forward → sample → emit) on its own thread.
+
+Callers hand in token ids, an adapter and sampling parameters, plus a sink that receives a `TokenEvent`
+per generated token; the sink is called on the engine thread and must only hand the event over.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from prefixserve import metrics
+from prefixserve.adapters.registry import AdapterRegistry
+from prefixserve.engine.detokenizer import OutputText
+from prefixserve.engine.errors import EngineStoppedError, RequestValidationError
+from prefixserve.engine.model_loader import LoadedModel
+from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.sampling import make_generator, sample
+from prefixserve.engine.scheduler import Scheduler
+from prefixserve.engine.sequence import (
+    FinishReason,
+    OutputSink,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+AdapterRef = tuple[str, tuple[str, ...]]  # (namespace, adapter ids to concatenate)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 16
+    max_queue_size: int = 256
+    max_input_tokens: int = 1024
+    max_new_tokens: int = 1024
+    max_prefill_tokens: int = 4096
+    max_stop_sequences: int = 4
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, registry: AdapterRegistry, limits: EngineLimits) -> None:
+        self.loaded = loaded
+        self.registry = registry
+        self.limits = limits
+        self.max_length = loaded.max_length
+        pad = loaded.tokenizer.pad_token_id
+        self.runner = ModelRunner(
+            loaded.model,
+            loaded.kv_shape,
+            limits.max_batch_size,
+            loaded.max_length,
+            loaded.dtype,
+            loaded.device,
+            pad_token_id=pad if pad is not None else 0,
+        )
+        self.scheduler = Scheduler(limits.max_batch_size, limits.max_queue_size, limits.max_prefill_tokens)
+        self._special_ids = frozenset(loaded.tokenizer.all_special_ids)
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ----- requests -----------------------------------------------------------------------------------
+    def submit(
+        self, prompt_ids: list[int], adapter: AdapterRef | None, params: SamplingParams, sink: OutputSink
+    ) -> Sequence:
+        """Validate and queue a request. Raises RequestValidationError, AdapterError or QueueFullError."""
+        if self._stopping:
+            raise EngineStoppedError("the server is shutting down; retry on another replica")
+        prefix = self.registry.get(*adapter) if adapter is not None else None
+        num_virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        self._validate(prompt_ids, num_virtual, params)
+        if params.do_sample and params.seed is None:
+            params = replace(params, seed=secrets.randbits(63))
+        seq = Sequence(prompt_ids=list(prompt_ids), params=params, prefix=prefix, sink=sink)
+        seq.text = OutputText(self.loaded.tokenizer, params.stop)
+        if params.do_sample:
+            seq.generator = make_generator(params.seed, self.loaded.device)
+        with self._wakeup:
+            self.scheduler.add(seq)
+            metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
+            self._wakeup.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Free the request's row at the next step (a client went away)."""
+        seq.cancelled = True
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def _validate(self, prompt_ids: list[int], num_virtual: int, p: SamplingParams) -> None:
+        lim = self.limits
+        if not prompt_ids:
+            raise RequestValidationError("inputs must not be empty: give at least one token of prompt")
+        if len(prompt_ids) > lim.max_input_tokens:
+            raise RequestValidationError(
+                f"inputs has {len(prompt_ids)} tokens, above this server's max_input_tokens of {lim.max_input_tokens}"
+            )
+        if not 1 <= p.max_new_tokens <= lim.max_new_tokens:
+            raise RequestValidationError(
+                f"max_new_tokens must be between 1 and {lim.max_new_tokens}, got {p.max_new_tokens}"
+            )
+        total = num_virtual + len(prompt_ids) + p.max_new_tokens
+        if total > self.max_length:
+            raise RequestValidationError(
+                f"adapter virtual tokens ({num_virtual}) + inputs tokens ({len(prompt_ids)}) + max_new_tokens "
+                f"({p.max_new_tokens}) = {total}, above max_total_tokens {self.max_length}: "
+                "shorten the prompt or lower max_new_tokens"
+            )
+        if p.do_sample and not p.temperature > 0:
+            raise RequestValidationError(f"temperature must be > 0 when sampling, got {p.temperature}")
+        if p.top_k is not None and p.top_k < 1:
+            raise RequestValidationError(f"top_k must be >= 1, got {p.top_k}")
+        if p.top_p is not None and not 0 < p.top_p <= 1:
+            raise RequestValidationError(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.repetition_penalty is not None and not p.repetition_penalty > 0:
+            raise RequestValidationError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        if len(p.stop) > lim.max_stop_sequences:
+            raise RequestValidationError(
+                f"stop holds {len(p.stop)} sequences; at most {lim.max_stop_sequences} are allowed"
+            )
+        if any(not s for s in p.stop):
+            raise RequestValidationError("stop sequences must not be empty strings")
+
+    # ----- the step -----------------------------------------------------------------------------------
+    def step(self) -> None:
+        for seq in self.scheduler.take_cancelled_waiting():
+            self._finish(seq, FinishReason.CANCELLED, remove=False)
+        for seq in [s for s in self.scheduler.running if s.cancelled]:
+            self._finish(seq, FinishReason.CANCELLED)
+        seqs, is_prefill = self.scheduler.schedule()
+        metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
+        metrics.BATCH_SIZE.set(len(self.scheduler.running))
+        if not seqs:
+            return
+        try:
+            if is_prefill:
+                now = time.monotonic()
+                for seq in seqs:
+                    seq.admitted_time = now
+                    metrics.REQUEST_QUEUE_DURATION.observe(now - seq.arrival_time)
+                    metrics.PROMPT_TOKENS.inc(seq.num_prompt_tokens)
+                logits = self.runner.prefill(seqs)
+            else:
+                logits = self.runner.decode(seqs)
+            tokens, logprobs = sample(logits, seqs)
+        except Exception as exc:  # keep serving the others; these rows fail with a message
+            log.exception("forward pass failed for %d rows", len(seqs))
+            for seq in seqs:
+                self._finish(seq, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
+            return
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            self._append(seq, token, logprob)
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+            metrics.TIME_TO_FIRST_TOKEN.observe(seq.first_token_time - seq.arrival_time)
+        assert seq.text is not None
+        delta = seq.text.add(token)
+        reason = None
+        if token in self.loaded.eos_token_ids and not seq.params.ignore_eos:
+            reason = FinishReason.EOS
+        elif seq.text.stopped:
+            reason = FinishReason.STOP_SEQUENCE
+        elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.cache_length >= self.max_length:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            delta += seq.text.finish()
+        token_text = self.loaded.tokenizer.decode([token], skip_special_tokens=False)
+        self._emit(seq, TokenEvent(token, token_text, logprob, token in self._special_ids, delta, reason))
+        if reason is not None:
+            self._finish(seq, reason, emit=False)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        remove: bool = True,
+        emit: bool = True,
+    ) -> None:
+        if remove and seq.status is SequenceStatus.RUNNING:
+            moved = self.scheduler.remove(seq)
+            if moved is not None:
+                other, src, dst = moved
+                self.runner.move_row(src, dst, other.cache_length)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.prefix = None  # the row holds its own copy; let the registry's memory go
+        if emit:
+            self._emit(seq, TokenEvent(-1, "", 0.0, False, "", reason, error))
+        now = time.monotonic()
+        metrics.REQUEST_COUNT.labels(reason.value).inc()
+        metrics.REQUEST_DURATION.observe(now - seq.arrival_time)
+        metrics.GENERATED_TOKENS.inc(len(seq.output_ids))
+        if seq.first_token_time is not None and len(seq.output_ids) > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((now - seq.first_token_time) / (len(seq.output_ids) - 1))
+
+    def _emit(self, seq: Sequence, event: TokenEvent) -> None:
+        try:
+            seq.sink(event)
+        except Exception:
+            log.exception("output sink failed; cancelling request %d", seq.seq_id)
+            seq.cancelled = True
+
+    # ----- the loop thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not self.scheduler.has_work() and not self._stopping:
+                        self._wakeup.wait()
+                    if self._stopping and not self.scheduler.has_work():
+                        return
+                self.step()
+
+    def stop_accepting(self) -> None:
+        self._stopping = True
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def cancel_all(self) -> None:
+        for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self.cancel(seq)
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

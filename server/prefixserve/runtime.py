@@ -1,0 +1,46 @@
+"""Builds the running parts from Settings: model, adapter store and registry, engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefixserve.adapters.registry import AdapterRegistry
+from prefixserve.adapters.store import AdapterStore
+from prefixserve.config import Settings
+from prefixserve.engine.engine import EngineLimits, LLMEngine
+from prefixserve.engine.model_loader import LoadedModel, load_model
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    loaded: LoadedModel
+    store: AdapterStore
+    registry: AdapterRegistry
+    engine: LLMEngine
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.max_total_tokens)
+    store = AdapterStore(settings.adapter_dir)
+    registry = AdapterRegistry(
+        store,
+        loaded.kv_shape,
+        loaded.dtype,
+        loaded.device,
+        cache_bytes=int(settings.adapter_cache_mb * 2**20),
+        max_virtual_tokens=settings.max_virtual_tokens,
+        refresh_seconds=settings.adapter_refresh_seconds,
+    )
+    limits = EngineLimits(
+        max_batch_size=settings.max_batch_size,
+        max_queue_size=settings.max_queue_size,
+        max_input_tokens=min(settings.max_input_tokens, loaded.max_length - 1),
+        max_new_tokens=settings.max_new_tokens,
+        max_prefill_tokens=settings.max_prefill_tokens,
+    )
+    return Runtime(settings, loaded, store, registry, LLMEngine(loaded, registry, limits))
