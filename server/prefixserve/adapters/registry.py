@@ -8,6 +8,7 @@ that another replica has replaced or deleted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -161,10 +162,8 @@ class AdapterRegistry:
         return prefix
 
     def _insert(self, key: AdapterKey, entry: _Entry) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # larger than the whole cache budget: serve it uncached
             self._cache[key] = entry
-        except ValueError:
-            pass  # larger than the whole cache budget: serve it uncached
         self._update_bytes_gauge()
 
     def _update_bytes_gauge(self) -> None:

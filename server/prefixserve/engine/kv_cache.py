@@ -52,8 +52,9 @@ class SlotKVCache:
         new_values = [
             torch.zeros(size, dtype=self.dtype, device=self.device) for _ in range(self.shape.num_layers)
         ]
-        for old, new in zip(self.keys + self.values, new_keys + new_values):
-            new[:, :, : self.capacity].copy_(old)
+        if self.capacity:
+            for old, new in zip(self.keys + self.values, new_keys + new_values, strict=True):
+                new[:, :, : self.capacity].copy_(old)
         self.keys, self.values, self.capacity = new_keys, new_values, new_capacity
 
     def write_prefix(self, row: int, kv: torch.Tensor) -> None:
