@@ -67,6 +67,20 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
     json_logs: bool = Field(False, description="Log one JSON object per line.")
+    api_keys_file: Path | None = Field(
+        None,
+        description="JSON file of API keys and their tenants. Required when binding a non-loopback address, "
+        "unless --allow-anonymous.",
+    )
+    allow_anonymous: bool = Field(
+        False, description="Serve without API keys on a non-loopback address (one shared tenant)."
+    )
+    max_concurrent_per_tenant: int = Field(
+        64, ge=1, description="Most requests one tenant may have running or waiting at once; more get 429."
+    )
+    drain_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM: /ready turns 503, running requests get this long to finish."
+    )
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
