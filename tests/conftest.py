@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import build_model, make_adapter
+
+torch.set_num_threads(int(os.environ.get("PREFIXSERVE_TEST_THREADS", "2")))
+ARCHS = ("gpt2", "llama", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_model(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict]:
+    """Per architecture: adapters of every kind and several lengths."""
+    root = tmp_path_factory.mktemp("adapters")
+    out: dict[str, dict] = {}
+    for arch, base in tiny_model_dirs.items():
+        specs = {
+            "rand3": (3, "random"),
+            "rand8": (8, "random"),
+            "zero5": (5, "zero"),
+            "proj4": (4, "projection"),
+            "trained6": (6, "trained"),
+        }
+        out[arch] = {
+            name: make_adapter(base, root / arch / name, t, kind, seed=i)
+            for i, (name, (t, kind)) in enumerate(specs.items())
+        }
+    return out

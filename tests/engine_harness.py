@@ -1,0 +1,77 @@
+"""Drive an LLMEngine synchronously (no thread, no HTTP) for tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefixserve.adapters.format import read_adapter_dir
+from prefixserve.adapters.registry import AdapterRegistry
+from prefixserve.adapters.store import AdapterStore
+from prefixserve.engine.engine import EngineLimits, LLMEngine
+from prefixserve.engine.model_loader import load_model
+from prefixserve.engine.sequence import SamplingParams, TokenEvent
+
+NAMESPACE = "default"
+
+
+@dataclass
+class Collector:
+    events: list[TokenEvent] = field(default_factory=list)
+
+    def __call__(self, event: TokenEvent) -> None:
+        self.events.append(event)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token_id for e in self.events if e.token_id >= 0]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text_delta for e in self.events)
+
+    @property
+    def finish_reason(self):
+        return self.events[-1].finish_reason if self.events else None
+
+
+def make_engine(
+    model_dir: Path | str,
+    store_dir: Path,
+    adapters: dict[str, Path] | None = None,
+    cache_bytes: int = 64 * 2**20,
+    max_batch_size: int = 8,
+    max_queue_size: int = 64,
+    max_total_tokens: int = 256,
+) -> LLMEngine:
+    loaded = load_model(str(model_dir), "cpu", "float32", max_total_tokens)
+    registry = AdapterRegistry(
+        AdapterStore(store_dir),
+        loaded.kv_shape,
+        loaded.dtype,
+        loaded.device,
+        cache_bytes=cache_bytes,
+        max_virtual_tokens=64,
+        refresh_seconds=0.0,
+    )
+    for name, path in (adapters or {}).items():
+        registry.put(NAMESPACE, name, read_adapter_dir(path))
+    limits = EngineLimits(max_batch_size=max_batch_size, max_queue_size=max_queue_size, max_input_tokens=128)
+    return LLMEngine(loaded, registry, limits)
+
+
+def submit(engine: LLMEngine, prompt: str, adapter: str | None, **params) -> Collector:
+    sink = Collector()
+    ids = engine.loaded.tokenizer.encode(prompt)
+    ref = (NAMESPACE, tuple(adapter.split("+"))) if adapter else None
+    engine.submit(ids, ref, SamplingParams(**params), sink)
+    return sink
+
+
+def run_until_idle(engine: LLMEngine, max_steps: int = 10_000) -> int:
+    steps = 0
+    while engine.scheduler.has_work():
+        engine.step()
+        steps += 1
+        assert steps < max_steps, "engine did not finish"
+    return steps

@@ -1,0 +1,132 @@
+"""prefixserve against the oracle, PEFT: mixed-adapter batches give PEFT's tokens and logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from prefixserve.engine.sequence import SamplingParams, Sequence
+
+from tests.conftest import ARCHS
+from tests.engine_harness import NAMESPACE, make_engine, run_until_idle, submit
+from tests.tiny_models import peft_generate, peft_last_logits
+
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "Once upon a time there was a small robot who loved to read books about the sea.",
+    "Thank you for contacting support.",
+]
+# (adapter or None for the base model, prompt): several adapters, several T, the base model, several lengths.
+MIXED = [
+    ("rand3", PROMPTS[0]),
+    ("rand8", PROMPTS[1]),
+    (None, PROMPTS[2]),
+    ("zero5", PROMPTS[3]),
+    ("proj4", PROMPTS[2]),
+    ("trained6", PROMPTS[0]),
+    ("rand8", PROMPTS[2]),
+]
+NEW_TOKENS = 12
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_greedy_equals_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters)
+    sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in MIXED]
+    run_until_idle(engine)
+    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
+        expected = peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS)
+        assert sink.tokens == expected, f"{arch} adapter={name} prompt={prompt!r}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_prefill_logits_match_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters)
+    tok = engine.loaded.tokenizer
+    seqs = []
+    for slot, (name, prompt) in enumerate(MIXED):
+        prefix = engine.registry.get(NAMESPACE, (name,)) if name else None
+        seq = Sequence(tok.encode(prompt), SamplingParams(), prefix, lambda e: None)
+        seq.slot = slot
+        seqs.append(seq)
+    logits = engine.runner.prefill(seqs)
+    for (name, prompt), row in zip(MIXED, logits, strict=True):
+        expected = peft_last_logits(base, adapters[name] if name else None, prompt)
+        assert torch.allclose(row, expected, atol=1e-4, rtol=0), (
+            f"{arch} adapter={name}: max |dlogit| {(row - expected).abs().max():.2e}"
+        )
+
+
+def test_row_joining_a_running_batch_gets_the_same_tokens(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["llama"], adapter_dirs["llama"]
+    engine = make_engine(base, tmp_path / "store", adapters)
+    long_running = submit(engine, PROMPTS[2], "rand8", max_new_tokens=30)
+    for _ in range(5):
+        engine.step()
+    assert len(long_running.tokens) == 5
+    joiner = submit(engine, PROMPTS[0], "rand3", max_new_tokens=10)
+    engine.step()  # the joiner's prefill runs while the long request waits one step
+    assert len(joiner.tokens) == 1 and len(long_running.tokens) == 5
+    run_until_idle(engine)
+    assert joiner.tokens == peft_generate(base, adapters["rand3"], PROMPTS[0], 10)
+    assert long_running.tokens == peft_generate(base, adapters["rand8"], PROMPTS[2], 30)
+
+    alone = make_engine(base, tmp_path / "store2", adapters)
+    joiner_alone = submit(alone, PROMPTS[0], "rand3", max_new_tokens=10)
+    run_until_idle(alone)
+    assert joiner.tokens == joiner_alone.tokens
+
+
+def test_short_request_leaves_without_waiting_for_a_long_one(tiny_model_dirs, adapter_dirs, tmp_path):
+    engine = make_engine(tiny_model_dirs["gpt2"], tmp_path / "store", adapter_dirs["gpt2"])
+    long_one = submit(engine, PROMPTS[0], "rand3", max_new_tokens=60)
+    short = submit(engine, PROMPTS[1], "rand8", max_new_tokens=3)
+    steps = 0
+    while short.finish_reason is None:
+        engine.step()
+        steps += 1
+    assert steps <= 4 and long_one.finish_reason is None
+    assert engine.num_running == 1
+    run_until_idle(engine)
+    assert len(long_one.tokens) == 60
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["qwen2"], adapter_dirs["qwen2"]
+    params = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=1234)
+    engine = make_engine(base, tmp_path / "store", adapters)
+    first = submit(engine, PROMPTS[0], "rand8", **params)
+    run_until_idle(engine)
+    # Same seed again, this time sharing the batch with other rows (sampled and greedy).
+    second = submit(engine, PROMPTS[0], "rand8", **params)
+    submit(engine, PROMPTS[1], "rand3", **{**params, "seed": 99})
+    submit(engine, PROMPTS[2], None, max_new_tokens=16)
+    other_seed = submit(engine, PROMPTS[0], "rand8", **{**params, "seed": 4321})
+    run_until_idle(engine)
+    assert first.tokens == second.tokens
+    assert first.tokens != other_seed.tokens
+    greedy = peft_generate(base, adapters["rand8"], PROMPTS[0], 16)
+    assert first.tokens != greedy  # it really sampled
+
+
+def test_evicted_adapter_reloads_identically(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["gpt2"], adapter_dirs["gpt2"]
+    probe = make_engine(base, tmp_path / "probe")
+    rand8_bytes = probe.loaded.kv_shape.token_width * 8 * 4  # T=8, float32
+    # A budget for exactly one adapter of this size: loading a second evicts the first.
+    engine = make_engine(base, tmp_path / "store", adapters, cache_bytes=rand8_bytes)
+    registry = engine.registry
+    one = registry.get(NAMESPACE, ("rand8",))
+    assert one.nbytes == rand8_bytes
+    kv_before = one.kv.clone()
+    before = submit(engine, PROMPTS[0], "rand8", max_new_tokens=8)
+    run_until_idle(engine)
+    registry.get(NAMESPACE, ("rand3",))
+    assert not registry.is_loaded(NAMESPACE, "rand8")
+    again = registry.get(NAMESPACE, ("rand8",))
+    assert again is not one and torch.equal(again.kv, kv_before)
+    after = submit(engine, PROMPTS[0], "rand8", max_new_tokens=8)
+    run_until_idle(engine)
+    assert before.tokens == after.tokens == peft_generate(base, adapters["rand8"], PROMPTS[0], 8)

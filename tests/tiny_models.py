@@ -1,0 +1,127 @@
+"""Tiny models and PEFT adapters built locally (random weights, the demo tokenizer), as transformers' tests do."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from prefixserve.demo import DEMO_MODEL_DIR
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+VOCAB = 909  # the demo tokenizer's
+EOS = 0
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _common() -> dict:
+    # A wide initializer keeps logits far apart, so a 1e-7 numeric difference can never flip an argmax.
+    return {"vocab_size": VOCAB, "bos_token_id": EOS, "eos_token_id": EOS, "initializer_range": 0.3}
+
+
+def tiny_config(arch: str) -> PretrainedConfig:
+    if arch == "gpt2":
+        return GPT2Config(n_positions=256, n_embd=32, n_layer=2, n_head=4, **_common())
+    llama_like = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # grouped-query attention
+        "max_position_embeddings": 256,
+        **_common(),
+    }
+    if arch == "llama":
+        return LlamaConfig(**llama_like)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=512, **llama_like)
+    if arch == "qwen2":
+        return Qwen2Config(**llama_like)
+    raise ValueError(arch)
+
+
+def build_model(arch: str, out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEMO_MODEL_DIR / name, out / name)
+    return out
+
+
+def load_base(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+
+
+def tokenizer(path: Path):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def make_adapter(
+    base_path: Path,
+    out: Path,
+    num_virtual_tokens: int,
+    kind: str = "random",
+    seed: int = 0,
+) -> Path:
+    """kind: random | zero | projection | trained."""
+    torch.manual_seed(seed)
+    config = PrefixTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=num_virtual_tokens,
+        prefix_projection=kind in ("projection", "trained"),
+        encoder_hidden_size=24,
+        init_weights="zero" if kind == "zero" else None,
+    )
+    model = get_peft_model(load_base(base_path), config)
+    if kind == "random":
+        with torch.no_grad():
+            for p in model.prompt_encoder.parameters():
+                p.normal_(0.0, 1.0)
+    if kind == "trained":
+        _train_a_few_steps(model, base_path)
+    model.save_pretrained(out)
+    return out
+
+
+def _train_a_few_steps(model: PeftModel, base_path: Path, steps: int = 5) -> None:
+    tok = tokenizer(base_path)
+    batch = tok(["The pirate captain raised the flag."], return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def peft_generate(base_path: Path, adapter_dir: Path | None, prompt: str, max_new_tokens: int) -> list[int]:
+    """The oracle: PeftModel.generate (or the plain base model), greedy, one request at a time."""
+    model = load_base(base_path)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    tok = tokenizer(base_path)
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
+    return out[0, enc["input_ids"].shape[1] :].tolist()
+
+
+def peft_last_logits(base_path: Path, adapter_dir: Path | None, prompt: str) -> torch.Tensor:
+    model = load_base(base_path)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    enc = tokenizer(base_path)(prompt, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits[0, -1].float()
