@@ -130,3 +130,31 @@ def test_evicted_adapter_reloads_identically(tiny_model_dirs, adapter_dirs, tmp_
     after = submit(engine, PROMPTS[0], "rand8", max_new_tokens=8)
     run_until_idle(engine)
     assert before.tokens == after.tokens == peft_generate(base, adapters["rand8"], PROMPTS[0], 8)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rows_leaving_and_joining_at_different_steps_equal_peft(
+    arch, tiny_model_dirs, adapter_dirs, tmp_path
+):
+    """Rows finish at different steps (the last row is moved into each freed slot) while others join."""
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters, max_batch_size=4)
+    plan = [  # (step to submit at, adapter, prompt, max_new_tokens)
+        (0, "rand3", PROMPTS[0], 3),
+        (0, "rand8", PROMPTS[2], 12),
+        (0, None, PROMPTS[1], 1),
+        (0, "proj4", PROMPTS[3], 9),
+        (0, "trained6", PROMPTS[1], 7),  # waits for a free row
+        (2, "zero5", PROMPTS[2], 5),
+        (4, "rand8", PROMPTS[0], 10),
+    ]
+    sinks: list = [None] * len(plan)
+    step = 0
+    while step < 200 and (engine.scheduler.has_work() or any(s is None for s in sinks)):
+        for i, (at, name, prompt, n) in enumerate(plan):
+            if at == step:
+                sinks[i] = submit(engine, prompt, name, max_new_tokens=n)
+        engine.step()
+        step += 1
+    for (_, name, prompt, n), sink in zip(plan, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, n), (name, prompt)

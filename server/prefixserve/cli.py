@@ -21,13 +21,22 @@ def serve(ctx: typer.Context) -> None:
     Run `prefixserve serve --help` for the full list.
     """
     import uvicorn
+    from pydantic import ValidationError
 
     from prefixserve.api.app import create_app
     from prefixserve.config import Settings
     from prefixserve.logging_setup import setup_logging
     from prefixserve.runtime import build_runtime
 
-    settings = Settings(_cli_parse_args=list(ctx.args))
+    try:
+        settings = Settings(_cli_parse_args=list(ctx.args))
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = (
+                "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else "settings"
+            )
+            typer.echo(f"invalid configuration: {field}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
     setup_logging(settings.json_logs)
     runtime = build_runtime(settings)
     uvicorn.run(

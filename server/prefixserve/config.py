@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     max_total_tokens: int = Field(
         2048, ge=2, description="Most tokens of one row: adapter prefix + prompt + generated tokens."
     )
-    max_input_tokens: int = Field(1024, ge=1, description="Longest prompt accepted, in tokens.")
+    max_input_tokens: int = Field(
+        1024, ge=1, description="Longest prompt accepted, in tokens (capped at max_total_tokens - 1)."
+    )
     max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask for.")
     default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when a request gives none.")
     max_prefill_tokens: int = Field(
@@ -88,11 +90,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) must not exceed "
                 f"max_new_tokens ({self.max_new_tokens})"
-            )
-        if self.max_input_tokens >= self.max_total_tokens:
-            raise ValueError(
-                f"max_input_tokens ({self.max_input_tokens}) must be below max_total_tokens "
-                f"({self.max_total_tokens}) to leave room for generated tokens"
             )
         return self
 

@@ -62,6 +62,12 @@ class PrefixAdapter:
 def read_adapter_files(files: Mapping[str, bytes]) -> PrefixAdapter:
     """Parse the two PEFT files, given by name (basename) → content."""
     names = set(files)
+    pickled = sorted(names & set(PICKLE_NAMES))
+    if WEIGHTS_NAME not in names and pickled:
+        raise InvalidAdapterError(
+            f"{pickled[0]} is a pickle file, which this server never loads (unpickling runs arbitrary code): "
+            "re-save the adapter with safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)"
+        )
     if CONFIG_NAME not in names:
         got = f" (got {', '.join(sorted(names))})" if names else ""
         raise InvalidAdapterError(
@@ -69,12 +75,6 @@ def read_adapter_files(files: Mapping[str, bytes]) -> PrefixAdapter:
             f"{CONFIG_NAME} and {WEIGHTS_NAME}, or one .zip/.tar.gz holding them"
         )
     if WEIGHTS_NAME not in names:
-        pickled = sorted(names & set(PICKLE_NAMES))
-        if pickled:
-            raise InvalidAdapterError(
-                f"{pickled[0]} is a pickle file, which this server never loads (unpickling runs arbitrary code): "
-                "re-save the adapter with safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)"
-            )
         raise InvalidAdapterError(f"missing {WEIGHTS_NAME}: send it together with {CONFIG_NAME}")
     config = parse_config(files[CONFIG_NAME])
     embeddings = parse_weights(files[WEIGHTS_NAME])

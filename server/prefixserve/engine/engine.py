@@ -157,10 +157,17 @@ class LLMEngine:
             for seq in seqs:
                 self._finish(seq, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
             return
-        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            self._append(seq, token, logprob)
+        # Every row takes its token before any row leaves: moving a row into a freed slot copies
+        # `cache_length` entries, which is only right once that row has counted this step's token.
+        finished = [
+            (seq, reason)
+            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True)
+            if (reason := self._append(seq, token, logprob)) is not None
+        ]
+        for seq, reason in finished:
+            self._finish(seq, reason, emit=False)
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float) -> FinishReason | None:
         seq.output_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -178,8 +185,7 @@ class LLMEngine:
             delta += seq.text.finish()
         token_text = self.loaded.tokenizer.decode([token], skip_special_tokens=False)
         self._emit(seq, TokenEvent(token, token_text, logprob, token in self._special_ids, delta, reason))
-        if reason is not None:
-            self._finish(seq, reason, emit=False)
+        return reason
 
     def _finish(
         self,

@@ -1,0 +1,3 @@
+from prefixserve.cli import main
+
+main()

@@ -1,0 +1,101 @@
+"""Engine behaviour: stop sequences, EOS, cancellation, bounded queue, request validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefixserve.demo import DEMO_MODEL_DIR
+from prefixserve.engine.errors import QueueFullError, RequestValidationError
+from prefixserve.engine.sequence import FinishReason
+from tests.engine_harness import make_engine, run_until_idle, submit
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return make_engine(DEMO_MODEL_DIR, tmp_path / "store")
+
+
+def test_stop_sequence_truncates_and_is_never_streamed(engine):
+    full = submit(engine, PROMPT, None, max_new_tokens=12)
+    run_until_idle(engine)
+    text = full.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text.index(stop)
+    stopped = submit(engine, PROMPT, None, max_new_tokens=12, stop=("never-there", stop))
+    run_until_idle(engine)
+    assert stopped.finish_reason is FinishReason.STOP_SEQUENCE
+    assert stopped.text == text[:cut]
+    streamed = ""
+    for event in stopped.events:
+        streamed += event.text_delta
+        assert stop not in streamed
+
+
+def test_length_and_eos(engine):
+    sink = submit(engine, PROMPT, None, max_new_tokens=5)
+    run_until_idle(engine)
+    assert sink.finish_reason is FinishReason.LENGTH and len(sink.tokens) == 5
+    engine.loaded.eos_token_ids = frozenset({sink.tokens[2]})
+    eos = submit(engine, PROMPT, None, max_new_tokens=5)
+    run_until_idle(engine)
+    assert (
+        eos.finish_reason is FinishReason.EOS
+        and eos.tokens == sink.tokens[: sink.tokens.index(sink.tokens[2]) + 1]
+    )
+
+
+def test_cancelled_request_frees_its_row_at_the_next_step(engine):
+    a = submit(engine, PROMPT, None, max_new_tokens=50)
+    b = submit(engine, "Hello", None, max_new_tokens=50)
+    engine.step()
+    engine.step()
+    assert engine.num_running == 2
+    engine.cancel(engine.scheduler.running[0])
+    engine.step()
+    assert engine.num_running == 1
+    assert a.finish_reason is FinishReason.CANCELLED
+    run_until_idle(engine)
+    assert len(b.tokens) == 50
+
+
+def test_full_queue_is_a_typed_refusal(tmp_path):
+    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", max_queue_size=2)
+    submit(engine, PROMPT, None)
+    submit(engine, PROMPT, None)
+    with pytest.raises(QueueFullError, match="at capacity"):
+        submit(engine, PROMPT, None)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be between 1"),
+        ({"max_new_tokens": 250}, "above max_total_tokens 256"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+        ({"top_p": 1.5}, "top_p must be in"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"stop": ("a", "b", "c", "d", "e")}, "at most 4"),
+        ({"stop": ("",)}, "must not be empty"),
+    ],
+)
+def test_invalid_requests(engine, params, message):
+    with pytest.raises(RequestValidationError, match=message):
+        submit(engine, PROMPT * 3, None, **params)
+
+
+def test_empty_and_too_long_prompts(engine):
+    with pytest.raises(RequestValidationError, match="must not be empty"):
+        submit(engine, "", None)
+    with pytest.raises(RequestValidationError, match="max_input_tokens"):
+        submit(engine, "word " * 200, None)
+
+
+def test_batch_never_exceeds_max_batch_size(tmp_path):
+    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", max_batch_size=3)
+    sinks = [submit(engine, f"{PROMPT} {i}", None, max_new_tokens=4 + i) for i in range(7)]
+    while engine.scheduler.has_work():
+        engine.step()
+        assert engine.num_running <= 3
+    assert [len(s.tokens) for s in sinks] == [4 + i for i in range(7)]

@@ -1,0 +1,145 @@
+"""The durable store (atomic, hashed) and the registry (LRU by bytes, refresh, composition)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefixserve import metrics
+from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError, InvalidAdapterIdError
+from prefixserve.adapters.format import embeddings_to_kv, read_upload
+from prefixserve.adapters.registry import AdapterRegistry
+from prefixserve.adapters.store import AdapterStore
+from tests.test_adapter_format import LIMIT, SHAPE, peft_files
+
+
+def adapter(t: int = 5):
+    return read_upload(list(peft_files(t=t).items()), LIMIT)
+
+
+def registry(root: Path, cache_bytes: int = 2**20, refresh: float = 0.0, max_t: int = 64) -> AdapterRegistry:
+    return AdapterRegistry(
+        AdapterStore(root), SHAPE, torch.float32, torch.device("cpu"), cache_bytes, max_t, refresh
+    )
+
+
+def test_put_get_roundtrip_with_hash_and_times(tmp_path):
+    store = AdapterStore(tmp_path)
+    a = adapter()
+    info, created = store.put("default", "support", a)
+    assert created and len(info.sha256) == 64 and info.size_bytes > 0
+    loaded, info2, _ = store.load("default", "support")
+    assert torch.equal(loaded.embeddings, a.embeddings) and info2.sha256 == info.sha256
+    info3, created = store.put("default", "support", a)
+    assert not created and info3.sha256 == info.sha256 and info3.created_at == info.created_at
+    b = adapter()
+    info4, _ = store.put("default", "support", b)
+    assert info4.sha256 != info.sha256
+    assert [i.adapter_id for i in store.list("default")] == ["support"]
+
+
+def test_namespaces_are_separate(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.put("acme", "support", adapter())
+    with pytest.raises(AdapterNotFoundError):
+        store.info("globex", "support")
+    assert store.list("globex") == []
+
+
+def test_invalid_ids_are_refused(tmp_path):
+    store = AdapterStore(tmp_path)
+    for bad in ("../x", "", "a/b", ".hidden", "x" * 129):
+        with pytest.raises(InvalidAdapterIdError):
+            store.put("default", bad, adapter())
+
+
+def test_a_crash_mid_write_leaves_the_old_version(tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path)
+    old, _ = store.put("default", "a", adapter())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.put("default", "a", adapter())
+    monkeypatch.undo()
+    assert store.info("default", "a").sha256 == old.sha256
+    assert not list((tmp_path / "default").glob(".tmp-*")), "temp file left behind"
+
+
+def test_concurrent_writers_leave_one_complete_version(tmp_path):
+    store = AdapterStore(tmp_path)
+    versions = [adapter() for _ in range(6)]
+    threads = [threading.Thread(target=store.put, args=("default", "same", v)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    loaded, info, _ = store.load("default", "same")
+    assert any(torch.equal(loaded.embeddings, v.embeddings) for v in versions)
+
+
+def test_lru_evicts_by_bytes_and_counts(tmp_path):
+    reg = registry(tmp_path, cache_bytes=SHAPE.token_width * 4 * 10)  # room for T=10 of float32
+    for name, t in (("a", 5), ("b", 4), ("c", 3)):
+        reg.put("default", name, adapter(t))
+    evictions = metrics.ADAPTER_CACHE_EVICTIONS._value.get()
+    reg.get("default", ("a",))
+    reg.get("default", ("b",))
+    assert reg.is_loaded("default", "a") and reg.is_loaded("default", "b")
+    reg.get("default", ("a",))  # a is now most recent
+    reg.get("default", ("c",))  # 5+4+3 > 10: evicts b, the least recently used
+    assert reg.is_loaded("default", "a") and not reg.is_loaded("default", "b")
+    assert metrics.ADAPTER_CACHE_EVICTIONS._value.get() == evictions + 1
+
+
+def test_a_running_request_keeps_its_prefix_when_replaced_or_evicted(tmp_path):
+    reg = registry(tmp_path)
+    first = adapter()
+    reg.put("default", "a", first)
+    held = reg.get("default", ("a",))
+    reg.put("default", "a", adapter())
+    new = reg.get("default", ("a",))
+    assert not torch.equal(new.kv, held.kv)
+    assert torch.equal(held.kv, embeddings_to_kv(first.embeddings, SHAPE))  # untouched
+
+
+def test_replacement_by_another_replica_is_seen_within_the_refresh_time(tmp_path):
+    reg = registry(tmp_path, refresh=0.2)
+    other_replica = AdapterStore(tmp_path)
+    reg.put("default", "a", adapter())
+    old = reg.get("default", ("a",))
+    other_replica.put("default", "a", adapter())
+    assert reg.get("default", ("a",)) is old  # within the refresh window the cached version may serve
+    time.sleep(0.25)
+    assert reg.get("default", ("a",)).sha256 != old.sha256
+    other_replica.delete("default", "a")
+    time.sleep(0.25)
+    with pytest.raises(AdapterNotFoundError):
+        reg.get("default", ("a",))
+
+
+def test_composition_concatenates_in_order_and_is_bounded(tmp_path):
+    reg = registry(tmp_path, max_t=8)
+    a, b = adapter(3), adapter(4)
+    reg.put("default", "a", a)
+    reg.put("default", "b", b)
+    ab = reg.get("default", ("a", "b"))
+    assert ab.num_virtual_tokens == 7 and ab.name == "a+b"
+    expected = embeddings_to_kv(torch.cat([a.embeddings, b.embeddings]), SHAPE)
+    assert torch.equal(ab.kv, expected)
+    with pytest.raises(InvalidAdapterError, match="above this server's limit of 8"):
+        reg.get("default", ("a", "b", "a"))
+    reg.put("default", "b", adapter(4))  # a replaced part invalidates the composition
+    assert reg.get("default", ("a", "b")).sha256 != ab.sha256
+
+
+def test_missing_adapter(tmp_path):
+    with pytest.raises(AdapterNotFoundError, match="PUT /v1/adapters/nope"):
+        registry(tmp_path).get("default", ("nope",))
