@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prefixserve.engine.sequence import SamplingParams, Sequence
 
+from prefixserve.engine.sequence import SamplingParams, Sequence
 from tests.conftest import ARCHS
 from tests.engine_harness import NAMESPACE, make_engine, run_until_idle, submit
 from tests.tiny_models import peft_generate, peft_last_logits

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
-from prefixserve.demo import DEMO_MODEL_DIR
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -17,6 +16,8 @@ from transformers import (
     PretrainedConfig,
     Qwen2Config,
 )
+
+from prefixserve.demo import DEMO_MODEL_DIR
 
 VOCAB = 909  # the demo tokenizer's
 EOS = 0

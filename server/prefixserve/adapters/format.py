@@ -17,9 +17,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from prefixserve.adapters.errors import AdapterMismatchError, AdapterTooLargeError, InvalidAdapterError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
+
+from prefixserve.adapters.errors import AdapterMismatchError, AdapterTooLargeError, InvalidAdapterError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from cachetools import LRUCache
+
 from prefixserve import metrics
 from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError
 from prefixserve.adapters.format import KVShape, PrefixAdapter, embeddings_to_kv, validate_adapter

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+
 from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError
 from prefixserve.adapters.format import TENSOR_NAME, PrefixAdapter, parse_config, parse_weights
 from prefixserve.adapters.ids import validate_adapter_id
-from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 
 FILE_SUFFIX = ".safetensors"
 FORMAT_TAG = "prefixserve.adapter/1"
