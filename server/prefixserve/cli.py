@@ -20,13 +20,13 @@ def serve(ctx: typer.Context) -> None:
 
     Run `prefixserve serve --help` for the full list.
     """
-    import uvicorn
     from pydantic import ValidationError
 
-    from prefixserve.api.app import create_app
+    from prefixserve.api.auth import KeyFileError
     from prefixserve.config import Settings
+    from prefixserve.engine.errors import UnsupportedModelError
     from prefixserve.logging_setup import setup_logging
-    from prefixserve.runtime import build_runtime
+    from prefixserve.server import StartupError, run
 
     try:
         settings = Settings(_cli_parse_args=list(ctx.args))
@@ -38,14 +38,11 @@ def serve(ctx: typer.Context) -> None:
             typer.echo(f"invalid configuration: {field}: {err['msg']}", err=True)
         raise typer.Exit(2) from None
     setup_logging(settings.json_logs)
-    runtime = build_runtime(settings)
-    uvicorn.run(
-        create_app(runtime),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=30,
-    )
+    try:
+        run(settings)
+    except (StartupError, KeyFileError, UnsupportedModelError) as exc:
+        typer.echo(f"prefixserve: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

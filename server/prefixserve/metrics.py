@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -47,3 +51,36 @@ PROMPT_TOKENS = Counter("prefixserve_prompt_tokens", "Prompt tokens processed")
 GENERATED_TOKENS = Counter("prefixserve_generated_tokens", "Tokens generated")
 BATCH_SIZE = Gauge("prefixserve_batch_current_size", "Rows in the running batch")
 QUEUE_SIZE = Gauge("prefixserve_queue_size", "Requests waiting for a batch row")
+
+
+class AdapterInfoCollector:
+    """`prefixserve_adapter_requests_info`, in the style of vLLM's `vllm:lora_requests_info`: which adapters the
+    running and waiting requests use, read at scrape time (so no stale label sets pile up)."""
+
+    def __init__(
+        self, running: Callable[[], list[str]], waiting: Callable[[], list[str]], max_adapters: int
+    ) -> None:
+        self._running, self._waiting, self._max = running, waiting, max_adapters
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "prefixserve_adapter_requests_info",
+            "Adapters in use by running and waiting requests (value: scrape time)",
+            labels=["running_adapters", "waiting_adapters", "max_adapters"],
+        )
+        family.add_metric(
+            [",".join(sorted(set(self._running()))), ",".join(sorted(set(self._waiting()))), str(self._max)],
+            time.time(),
+        )
+        yield family
+
+
+_collector: AdapterInfoCollector | None = None
+
+
+def register_adapter_info(collector: AdapterInfoCollector) -> None:
+    global _collector
+    if _collector is not None:
+        REGISTRY.unregister(_collector)
+    REGISTRY.register(collector)
+    _collector = collector

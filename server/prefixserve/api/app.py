@@ -1,19 +1,22 @@
-"""The FastAPI application: wiring, request ids, lifespan of the engine."""
+"""The FastAPI application: wiring, authentication, request ids, lifespan of the engine, drain."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
-from prefixserve import __version__
-from prefixserve.api import routes_adapters, routes_generate, routes_ops
-from prefixserve.api.errors import install_error_handlers
-from prefixserve.api.generation import DEFAULT_NAMESPACE
+from prefixserve import __version__, metrics
+from prefixserve.api import routes_adapters, routes_generate, routes_openai, routes_ops
+from prefixserve.api.auth import Authenticator, KeyRing, Principal
+from prefixserve.api.errors import APIError, install_error_handlers
+from prefixserve.api.generation import TenantLimiter
 from prefixserve.runtime import Runtime
 
 log = logging.getLogger("prefixserve.access")
@@ -23,50 +26,108 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 class ServerState:
     """What the routes need: the engine, the adapter registry and store, settings. No tensors."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, keyring: KeyRing | None) -> None:
         self.settings = runtime.settings
         self.loaded = runtime.loaded
         self.engine = runtime.engine
         self.registry = runtime.registry
         self.store = runtime.store
         self.model_name = runtime.settings.model_name or runtime.loaded.name
+        self.authenticator = Authenticator(keyring)
+        self.limiter = TenantLimiter(runtime.settings.max_concurrent_per_tenant)
+        self.started_at = time.time()
         self.draining = False
 
     def namespace(self, request: Request) -> str:
-        return DEFAULT_NAMESPACE
+        return request.state.principal.tenant
+
+    def encode(self, text: str) -> list[int]:
+        return self.loaded.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        if not tokenizer.chat_template:
+            raise APIError(
+                422,
+                f"the base model {self.model_name!r} has no chat template; use /v1/completions or /generate",
+                "validation",
+            )
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    async def drain(self) -> None:
+        """Stop taking requests (/ready → 503), let running ones finish within the grace period."""
+        self.draining = True
+        log.info(
+            "draining: waiting up to %.0fs for %d running, %d waiting requests",
+            self.settings.drain_seconds,
+            self.engine.num_running,
+            self.engine.num_waiting,
+        )
+        deadline = time.monotonic() + self.settings.drain_seconds
+        while (self.engine.num_running or self.engine.num_waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.engine.stop_accepting()
+        if self.engine.num_running or self.engine.num_waiting:
+            log.warning("drain grace period over: cancelling the requests still running")
+            self.engine.cancel_all()
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def get_principal(request: Request) -> Principal:
+    principal = request.app.state.server.authenticator(request)
+    request.state.principal = principal
+    return principal
+
+
+def create_app(runtime: Runtime, keyring: KeyRing | None = None) -> FastAPI:
+    state = ServerState(runtime, keyring)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.engine.start()
         yield
         runtime.engine.stop_accepting()
         runtime.engine.cancel_all()
-        runtime.engine.join(timeout=10)
+        await asyncio.to_thread(runtime.engine.join, 10)
 
     app = FastAPI(
         title="prefixserve",
         version=__version__,
-        description="Serve PEFT prefix-tuning adapters on one frozen base model, batched across adapters.",
+        description="Serve PEFT prefix-tuning adapters on one frozen base model, batched across adapters. "
+        "Authenticate with `Authorization: Bearer <key>` when the server has API keys.",
         lifespan=lifespan,
     )
-    app.state.server = ServerState(runtime)
+    app.state.server = state
     install_error_handlers(app)
+    metrics.register_adapter_info(
+        metrics.AdapterInfoCollector(
+            runtime.engine.running_adapters, runtime.engine.waiting_adapters, runtime.settings.max_batch_size
+        )
+    )
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         incoming = request.headers.get("x-request-id", "")
         rid = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
         request.state.request_id = rid
+        start = time.perf_counter()
         response = await call_next(request)
         response.headers["X-Request-Id"] = rid
         log.info(
-            "%s %s -> %d", request.method, request.url.path, response.status_code, extra={"request_id": rid}
+            "%s %s -> %d in %.1f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - start) * 1e3,
+            extra={"request_id": rid},
         )
         return response
 
+    authenticated = [Depends(get_principal)]
     app.include_router(routes_ops.router)
-    app.include_router(routes_generate.router)
-    app.include_router(routes_adapters.router)
+    app.include_router(routes_generate.router, dependencies=authenticated)
+    app.include_router(routes_openai.router, dependencies=authenticated)
+    app.include_router(routes_adapters.router, dependencies=authenticated)
     return app

@@ -32,10 +32,15 @@ class APIError(Exception):
 
 
 def error_response(
-    status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+    request: Request, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     metrics.REQUEST_FAILURE.labels(error_type).inc()
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+    body = {"error": message, "error_type": error_type}
+    rid = getattr(request.state, "request_id", None)
+    if rid:  # also set here: responses built outside the request-id middleware (500s) carry it too
+        body["request_id"] = rid
+        headers = {**(headers or {}), "X-Request-Id": rid}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def status_for(exc: Exception) -> int:
@@ -53,14 +58,14 @@ def status_for(exc: Exception) -> int:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
+        return error_response(request, exc.status, exc.message, exc.error_type, exc.headers)
 
     @app.exception_handler(AdapterError)
     @app.exception_handler(EngineError)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         status = status_for(exc)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
-        return error_response(status, str(exc), getattr(exc, "error_type", "error"), headers)
+        return error_response(request, status, str(exc), getattr(exc, "error_type", "error"), headers)
 
     @app.exception_handler(FastAPIValidationError)
     async def _validation_error(request: Request, exc: FastAPIValidationError) -> JSONResponse:
@@ -68,13 +73,15 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(part) for part in err.get("loc", ()) if part != "body")
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return error_response(422, "; ".join(problems) or "invalid request", "validation")
+        return error_response(request, 422, "; ".join(problems) or "invalid request", "validation")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "http")
+        return error_response(request, exc.status_code, str(exc.detail), "http")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error; the request id is in the server log", "internal")
+        return error_response(
+            request, 500, "internal server error; the request id is in the server log", "internal"
+        )

@@ -1,8 +1,9 @@
-"""Shared request plumbing for all generation endpoints: adapter choice, sampling, collecting, disconnects."""
+"""Shared request plumbing for all generation endpoints: adapter choice, tenant limits, collecting, disconnects."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -10,12 +11,35 @@ from fastapi import Request
 
 from prefixserve.adapters.ids import parse_adapter_spec
 from prefixserve.api.errors import APIError
-from prefixserve.engine.engine import AdapterRef, LLMEngine
+from prefixserve.engine.engine import AdapterRef
 from prefixserve.engine.sequence import FinishReason, SamplingParams, TokenEvent
 from prefixserve.engine.streams import RequestStream, submit
 
-DEFAULT_NAMESPACE = "default"
 _DISCONNECT_POLL_SECONDS = 0.25
+
+
+class TenantLimiter:
+    """At most `limit` requests per tenant in flight, so one tenant cannot take every batch row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight: Counter[str] = Counter()
+
+    def acquire(self, tenant: str) -> None:
+        if self.in_flight[tenant] >= self.limit:
+            raise APIError(
+                429,
+                f"tenant '{tenant}' already has {self.limit} requests in flight (--max-concurrent-per-tenant); "
+                "retry when one finishes",
+                "overloaded",
+                {"Retry-After": "1"},
+            )
+        self.in_flight[tenant] += 1
+
+    def release(self, tenant: str) -> None:
+        self.in_flight[tenant] -= 1
+        if self.in_flight[tenant] <= 0:
+            del self.in_flight[tenant]
 
 
 def adapter_ref(
@@ -25,6 +49,30 @@ def adapter_ref(
     if spec is None or spec == "" or spec in base_model_names:
         return None
     return namespace, parse_adapter_spec(spec)
+
+
+async def start(
+    request: Request, prompt_ids: list[int], adapter_spec: str | None, params: SamplingParams
+) -> RequestStream:
+    """Queue one generation for the calling tenant; its tenant slot is freed when it ends, however it ends."""
+    state = request.app.state.server
+    tenant = state.namespace(request)
+    if state.draining:
+        raise APIError(
+            503,
+            "the server is draining for shutdown; retry on another replica",
+            "unavailable",
+            {"Retry-After": "1"},
+        )
+    adapter = adapter_ref(adapter_spec, tenant, (state.model_name,))
+    state.limiter.acquire(tenant)
+    try:
+        stream = await submit(state.engine, prompt_ids, adapter, params)
+    except BaseException:
+        state.limiter.release(tenant)
+        raise
+    stream.on_finish.append(lambda: state.limiter.release(tenant))
+    return stream
 
 
 @dataclass
@@ -38,15 +86,8 @@ class Collected:
         return [e for e in self.events if e.token_id >= 0]
 
 
-async def start(
-    engine: LLMEngine, prompt: str, adapter: AdapterRef | None, params: SamplingParams
-) -> tuple[RequestStream, list[int]]:
-    prompt_ids = engine.loaded.tokenizer.encode(prompt)
-    return await submit(engine, prompt_ids, adapter, params), prompt_ids
-
-
 async def events(stream: RequestStream) -> AsyncIterator[TokenEvent]:
-    """The stream's events; a generation error becomes a 424 before any output, else ends the stream."""
+    """The stream's events; a generation error raises APIError(424)."""
     async for event in stream:
         if event.finish_reason is FinishReason.ERROR:
             raise APIError(424, event.error or "generation failed", "generation")
@@ -69,8 +110,6 @@ async def collect(stream: RequestStream, request: Request) -> Collected:
         while not task.done():
             done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_SECONDS)
             if not done and await request.is_disconnected():
-                stream.cancel()
-                task.cancel()
                 raise APIError(499, "client disconnected", "cancelled")
         task.result()
     finally:

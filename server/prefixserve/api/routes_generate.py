@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
 from prefixserve.api.errors import APIError
-from prefixserve.api.generation import adapter_ref, collect, events, start
+from prefixserve.api.generation import collect, events, start
 from prefixserve.api.schemas import (
     Details,
     GenerateParameters,
@@ -58,8 +58,8 @@ async def generate(
     if body.stream:
         raise APIError(422, "stream=true: use POST /generate_stream for a streamed response", "validation")
     params = sampling_params(body.parameters, state.settings.default_max_new_tokens)
-    adapter = adapter_ref(body.parameters.adapter_id or x_adapter_id, state.namespace(request))
-    stream, _ = await start(state.engine, body.inputs, adapter, params)
+    adapter = body.parameters.adapter_id or x_adapter_id
+    stream = await start(request, state.encode(body.inputs), adapter, params)
     out = await collect(stream, request)
     seq = stream.seq
     text = body.inputs + out.text if body.parameters.return_full_text else out.text
@@ -82,8 +82,8 @@ async def generate_stream(
     """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
     state = request.app.state.server
     params = sampling_params(body.parameters, state.settings.default_max_new_tokens)
-    adapter = adapter_ref(body.parameters.adapter_id or x_adapter_id, state.namespace(request))
-    stream, _ = await start(state.engine, body.inputs, adapter, params)
+    adapter = body.parameters.adapter_id or x_adapter_id
+    stream = await start(request, state.encode(body.inputs), adapter, params)
     prefix = body.inputs if body.parameters.return_full_text else ""
 
     async def sse() -> AsyncIterator[str]:

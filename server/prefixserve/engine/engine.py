@@ -249,6 +249,12 @@ class LLMEngine:
             return not self._thread.is_alive()
         return True
 
+    def running_adapters(self) -> list[str]:
+        return [s.prefix.name for s in list(self.scheduler.running) if s.prefix is not None]
+
+    def waiting_adapters(self) -> list[str]:
+        return [s.prefix.name for s in list(self.scheduler.waiting) if s.prefix is not None]
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)

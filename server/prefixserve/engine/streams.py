@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from prefixserve.engine.engine import AdapterRef, LLMEngine
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
@@ -17,9 +17,17 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.seq: Sequence | None = None
+        self.on_finish: list[Callable[[], None]] = []  # run on the event loop when the last event arrives
 
     def sink(self, event: TokenEvent) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        self._loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: TokenEvent) -> None:
+        self._queue.put_nowait(event)
+        if event.finish_reason is not None:
+            for callback in self.on_finish:
+                callback()
+            self.on_finish.clear()
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         try:

@@ -1,0 +1,66 @@
+"""Run the app under uvicorn, with the keys policy and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from prefixserve.api.app import ServerState, create_app
+from prefixserve.api.auth import KeyRing, is_loopback
+from prefixserve.config import Settings
+from prefixserve.runtime import build_runtime
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    pass
+
+
+class DrainingServer(uvicorn.Server):
+    """First SIGTERM: drain (ready → 503, running requests finish within --drain-seconds), then exit.
+    A second SIGTERM or a SIGINT exits at once, as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._drain_task is None and not self.should_exit:
+            log.info("SIGTERM: draining before exit")
+            self._drain_task = asyncio.get_event_loop().create_task(self._drain_then_exit())
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain_then_exit(self) -> None:
+        await self.state.drain()
+        self.should_exit = True
+
+
+def load_keyring(settings: Settings) -> KeyRing | None:
+    if settings.api_keys_file is not None:
+        keyring = KeyRing.from_file(settings.api_keys_file)
+        log.info("API keys loaded from %s: multi-tenant mode", settings.api_keys_file)
+        return keyring
+    if not is_loopback(settings.host) and not settings.allow_anonymous:
+        raise StartupError(
+            f"refusing to serve {settings.host} without API keys: pass --api-keys-file (PREFIXSERVE_API_KEYS_FILE), "
+            "or --allow-anonymous to accept anyone"
+        )
+    log.warning("no API keys: anonymous single-tenant mode (every client shares one adapter namespace)")
+    return None
+
+
+def run(settings: Settings) -> None:
+    keyring = load_keyring(settings)
+    runtime = build_runtime(settings)
+    app = create_app(runtime, keyring)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=5
+    )
+    DrainingServer(config, app.state.server).run()
