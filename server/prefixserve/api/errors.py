@@ -18,6 +18,7 @@ from prefixserve.adapters.errors import (
 from prefixserve.engine.errors import EngineError, EngineStoppedError, QueueFullError
 
 log = logging.getLogger(__name__)
+OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
 
 
 class APIError(Exception):
@@ -35,7 +36,9 @@ def error_response(
     request: Request, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     metrics.REQUEST_FAILURE.labels(error_type).inc()
-    body = {"error": message, "error_type": error_type}
+    body: dict[str, object] = {"error": message, "error_type": error_type}
+    if request.url.path in OPENAI_PATHS:  # what the openai client reads its error message from
+        body = {"error": {"message": message, "type": error_type, "code": status}}
     rid = getattr(request.state, "request_id", None)
     if rid:  # also set here: responses built outside the request-id middleware (500s) carry it too
         body["request_id"] = rid
