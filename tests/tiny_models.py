@@ -32,6 +32,10 @@ def _common() -> dict:
 def tiny_config(arch: str) -> PretrainedConfig:
     if arch == "gpt2":
         return GPT2Config(n_positions=256, n_embd=32, n_layer=2, n_head=4, **_common())
+    if (
+        arch == "gpt2-slow"
+    ):  # a few ms per token: long enough generations to disconnect from, drain, queue behind
+        return GPT2Config(n_positions=4096, n_embd=512, n_layer=8, n_head=8, **_common())
     llama_like = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -53,6 +57,9 @@ def tiny_config(arch: str) -> PretrainedConfig:
 def build_model(arch: str, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    if arch == "gpt2-slow":
+        with torch.no_grad():  # EOS logit 0 while the best other logit is far above: it never stops early
+            model.get_input_embeddings().weight[EOS].zero_()
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         shutil.copy(DEMO_MODEL_DIR / name, out / name)

@@ -7,10 +7,11 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefixserve import __version__, metrics
 from prefixserve.api import routes_adapters, routes_generate, routes_openai, routes_ops
@@ -75,6 +76,48 @@ class ServerState:
             self.engine.cancel_all()
 
 
+class RequestIdMiddleware:
+    """Gives every request an id (the client's `X-Request-Id` if sane), echoed in the response and the log.
+
+    Pure ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides client disconnects
+    from the endpoint, and a disconnect must free the request's batch row.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status, start = 0, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", rid.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info(
+                "%s %s -> %d in %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - start) * 1e3,
+                extra={"request_id": rid},
+            )
+
+
 def get_principal(request: Request) -> Principal:
     principal = request.app.state.server.authenticator(request)
     request.state.principal = principal
@@ -107,23 +150,7 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None) -> FastAPI:
         )
     )
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        incoming = request.headers.get("x-request-id", "")
-        rid = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
-        request.state.request_id = rid
-        start = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        log.info(
-            "%s %s -> %d in %.1f ms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            (time.perf_counter() - start) * 1e3,
-            extra={"request_id": rid},
-        )
-        return response
+    app.add_middleware(RequestIdMiddleware)
 
     authenticated = [Depends(get_principal)]
     app.include_router(routes_ops.router)
