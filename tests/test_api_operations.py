@@ -123,16 +123,13 @@ def test_per_tenant_limit(slow_model, tmp_path):
         for client, cm, _ in opened:
             cm.__exit__(None, None, None)
             client.close()
+
         # Slots come back when requests end, however they end.
-        ok = lambda: httpx.post(
-            f"{server.url}/generate",
-            json={
-                "inputs": PROMPT,  # noqa: E731
-                "parameters": {"max_new_tokens": 2},
-            },
-            timeout=30,
-        )
-        assert wait_for(lambda: ok().status_code == 200)
+        def short_request_succeeds() -> bool:
+            body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+            return httpx.post(f"{server.url}/generate", json=body, timeout=30).status_code == 200
+
+        assert wait_for(short_request_succeeds)
     finally:
         server.stop()
 
