@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from prefixserve.adapters.errors import AdapterTooLargeError
-from prefixserve.adapters.format import read_upload
+from prefixserve.adapters.format import PrefixAdapter, read_upload
 from prefixserve.adapters.ids import validate_adapter_id
 from prefixserve.adapters.store import AdapterInfo
+from prefixserve.api.errors import APIError
 from prefixserve.api.schemas import AdapterCreated
+from prefixserve.engine.errors import RequestValidationError
+from prefixserve.engine.from_text import adapter_from_text
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -60,12 +64,68 @@ def _summary(info: AdapterInfo, loaded: bool) -> AdapterSummary:
     )
 
 
-def _store(request: Request, adapter_id: str, files: list[UploadFile], response: Response) -> AdapterCreated:
+class FromTextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    from_text: str = Field(description="Text whose keys/values (under the base model) become the prefix.")
+    chat_template: bool = Field(
+        False, description="Wrap the text as a system message with the chat template."
+    )
+
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                "required": ["files"],
+            }
+        },
+        "application/json": {"schema": FromTextRequest.model_json_schema()},
+    },
+}
+
+
+async def _adapter_from_request(request: Request) -> PrefixAdapter:
+    """Multipart `files` (the PEFT pair, or one archive), or JSON `{"from_text": ...}`."""
+    state = request.app.state.server
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        try:
+            body = FromTextRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            ) from None
+        return await run_in_threadpool(
+            adapter_from_text,
+            state.loaded,
+            body.from_text,
+            body.chat_template,
+            state.settings.max_virtual_tokens,
+            state.model_name,
+        )
+    if not content_type.startswith("multipart/form-data"):
+        raise APIError(
+            415,
+            "send multipart/form-data with field 'files' (the PEFT files or one archive), "
+            'or application/json with {"from_text": ...}',
+            "validation",
+        )
+    form = await request.form()
+    uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+    max_bytes = int(state.settings.max_adapter_mb * 2**20)
+    files = await run_in_threadpool(_read_files, uploads, max_bytes)
+    return await run_in_threadpool(read_upload, files, max_bytes)
+
+
+async def _store(request: Request, adapter_id: str, response: Response) -> AdapterCreated:
     state = request.app.state.server
     validate_adapter_id(adapter_id)
-    max_bytes = int(state.settings.max_adapter_mb * 2**20)
-    adapter = read_upload(_read_files(files, max_bytes), max_bytes)
-    info, created = state.registry.put(state.namespace(request), adapter_id, adapter)
+    adapter = await _adapter_from_request(request)
+    info, created = await run_in_threadpool(state.registry.put, state.namespace(request), adapter_id, adapter)
     response.status_code = 201 if created else 200
     return AdapterCreated(
         id=adapter_id,
@@ -75,20 +135,24 @@ def _store(request: Request, adapter_id: str, files: list[UploadFile], response:
     )
 
 
-@router.put("/{adapter_id}", response_model=AdapterCreated, status_code=201)
-def put_adapter(
-    adapter_id: str, request: Request, response: Response, files: list[UploadFile] = File(...)
-) -> AdapterCreated:
-    """Create (201) or replace (200) an adapter from the files PEFT's save_pretrained writes, or one archive."""
-    return _store(request, adapter_id, files, response)
+@router.put(
+    "/{adapter_id}",
+    response_model=AdapterCreated,
+    status_code=201,
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+)
+async def put_adapter(adapter_id: str, request: Request, response: Response) -> AdapterCreated:
+    """Create (201) or replace (200) an adapter: multipart `files` with the two files PEFT's save_pretrained
+    writes (or one .zip/.tar.gz of the directory), or JSON `{"from_text": "..."}` to make one from a text."""
+    return await _store(request, adapter_id, response)
 
 
 @router.post("", response_model=AdapterCreated, status_code=201)
-def post_adapter(
+async def post_adapter(
     request: Request, response: Response, adapter_id: str = Form(...), files: list[UploadFile] = File(...)
 ) -> AdapterCreated:
     """Same as PUT /v1/adapters/{adapter_id}, with the id as form field `adapter_id`."""
-    return _store(request, adapter_id, files, response)
+    return await _store(request, adapter_id, response)
 
 
 @router.get("", response_model=AdapterList)
