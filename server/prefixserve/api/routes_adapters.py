@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from prefixserve.adapters.errors import AdapterTooLargeError
 from prefixserve.adapters.format import PrefixAdapter, read_upload
@@ -36,7 +37,7 @@ class AdapterList(BaseModel):
     next_cursor: str | None = None
 
 
-def _read_files(files: list[UploadFile], max_bytes: int) -> list[tuple[str, bytes]]:
+def _read_files(files: list[StarletteUploadFile], max_bytes: int) -> list[tuple[str, bytes]]:
     out, total = [], 0
     for upload in files:
         content = upload.file.read(max_bytes + 1 - total)
@@ -115,7 +116,7 @@ async def _adapter_from_request(request: Request) -> PrefixAdapter:
             "validation",
         )
     form = await request.form()
-    uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+    uploads = [f for f in form.getlist("files") if isinstance(f, StarletteUploadFile)]
     max_bytes = int(state.settings.max_adapter_mb * 2**20)
     files = await run_in_threadpool(_read_files, uploads, max_bytes)
     return await run_in_threadpool(read_upload, files, max_bytes)
