@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,9 @@ from prefixserve.adapters.store import AdapterStore
 from prefixserve.config import Settings
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import LoadedModel, load_model
+from prefixserve.engine.self_check import check_prefix_serving
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,6 +30,8 @@ def build_runtime(settings: Settings) -> Runtime:
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.max_total_tokens)
+    delta = check_prefix_serving(loaded)
+    log.info("prefix self-check passed: max |dlogit| %.2e against transformers' DynamicCache path", delta)
     store = AdapterStore(settings.adapter_dir)
     registry = AdapterRegistry(
         store,

@@ -1,0 +1,76 @@
+"""Start-up refuses, with a clear message, what cannot be served exactly; the self-check can fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, MistralConfig, T5Config, T5ForConditionalGeneration
+
+from prefixserve.engine.errors import UnsupportedModelError
+from prefixserve.engine.kv_cache import BatchKV
+from prefixserve.engine.model_loader import check_servable, kv_shape_of, load_model, resolve_device
+from prefixserve.engine.self_check import check_prefix_serving
+
+
+def test_encoder_decoder_is_refused(tmp_path):
+    T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(tmp_path / "t5")
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        load_model(str(tmp_path / "t5"), "cpu", "float32", 128)
+
+
+def test_hybrid_cache_is_refused():
+    config = LlamaConfig(num_hidden_layers=2)
+    config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(UnsupportedModelError, match="hybrid cache"):
+        check_servable(config, 1024)
+
+
+def test_sliding_window_needs_rows_capped_below_it():
+    config = MistralConfig(sliding_window=128, max_position_embeddings=4096)
+    with pytest.raises(UnsupportedModelError, match="--max-total-tokens 128"):
+        check_servable(config, 256)
+    assert check_servable(config, 128) == 128
+
+
+def test_rows_are_capped_at_the_models_positions():
+    assert check_servable(GPT2Config(n_positions=256), 2048) == 256
+
+
+def test_gqa_and_explicit_head_dim_shapes():
+    llama = kv_shape_of(
+        LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)
+    )
+    assert (llama.num_layers, llama.num_kv_heads, llama.head_dim) == (3, 2, 8)
+    qwen3_like = kv_shape_of(
+        LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    )
+    assert qwen3_like.head_dim == 32
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(UnsupportedModelError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_self_check_passes_on_supported_models_and_catches_a_cache_that_drops_the_prefix(
+    tiny_model_dirs, monkeypatch
+):
+    for path in tiny_model_dirs.values():
+        assert check_prefix_serving(load_model(str(path), "cpu", "float32", 256)) < 1e-4
+    loaded = load_model(str(tiny_model_dirs["llama"]), "cpu", "float32", 256)
+    original = BatchKV.update
+
+    def forgetful_update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = original(self, key_states, value_states, layer_idx)
+        values = values.clone()
+        values[:, :, :3] = 0  # loses the prefix's values, as a model post-processing the cache might
+        return keys, values
+
+    monkeypatch.setattr(BatchKV, "update", forgetful_update)
+    with pytest.raises(UnsupportedModelError, match="cannot be served exactly"):
+        check_prefix_serving(loaded)
