@@ -232,7 +232,18 @@ class LLMEngine:
                         self._wakeup.wait()
                     if self._stopping and not self.scheduler.has_work():
                         return
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # a bug must not leave every client waiting on a dead loop
+                    log.exception("engine step failed; failing the requests in flight")
+                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                        self._emit(
+                            seq,
+                            TokenEvent(-1, "", 0.0, False, "", FinishReason.ERROR, "internal engine error"),
+                        )
+                        seq.status = SequenceStatus.FINISHED
+                    self.scheduler.running.clear()
+                    self.scheduler.waiting.clear()
 
     def stop_accepting(self) -> None:
         self._stopping = True

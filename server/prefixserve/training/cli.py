@@ -36,15 +36,15 @@ def train_command(
         0.0, min=0.0, max=0.9, help="Hold out this fraction of --data instead."
     ),
     num_virtual_tokens: int | None = typer.Option(
-        None, min=1, help="Prefix length T. [default: 20; with --init text, the text's length]"
+        None, min=1, help="Prefix length T (default 20; with --init text, the length of the text)."
     ),
     prefix_projection: bool | None = typer.Option(
         None,
         "--prefix-projection/--no-prefix-projection",
-        help="Train the prefix through an MLP (faster, steadier learning). [default: on, off with --init text]",
+        help="Train the prefix through an MLP, which learns faster and steadier (default on; off with --init text).",
     ),
     encoder_hidden_size: int | None = typer.Option(
-        None, min=1, help="Hidden size of the projection MLP. [default: the model's hidden size]"
+        None, min=1, help="Hidden size of the projection MLP (default: the model's hidden size)."
     ),
     init: str = typer.Option(
         "random",
