@@ -7,6 +7,7 @@ import logging
 import typer
 
 from prefixserve import __version__
+from prefixserve.training.cli import train_command
 
 app = typer.Typer(help="prefixserve: serve prefix-tuned language models.", no_args_is_help=True)
 
@@ -43,6 +44,9 @@ def serve(ctx: typer.Context) -> None:
     except (StartupError, KeyFileError, UnsupportedModelError) as exc:
         typer.echo(f"prefixserve: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+app.command("train")(train_command)
 
 
 @app.command()

@@ -81,6 +81,8 @@ def train_command(
     """Train a prefix-tuning adapter (PEFT format) on a frozen base model; optionally upload it to a server."""
     from prefixserve.training.errors import TrainingError
 
+    if not logging.getLogger().handlers:  # the `prefixserve` script does not configure logging; show ours
+        logging.basicConfig(format="%(levelname)s %(message)s")
     logging.getLogger("prefixserve").setLevel(logging.INFO)
     try:
         if upload and not adapter_id:
@@ -123,8 +125,6 @@ def train_command(
                 f"held-out loss ({result.num_eval_examples} rows) "
                 f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}"
             )
-        for warning in result.warnings:
-            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"adapter saved to {result.output_dir}")
         if upload and adapter_id:
             from prefixserve.training.upload import upload_adapter

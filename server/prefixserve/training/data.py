@@ -47,11 +47,11 @@ def load_rows(source: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
-            return [_object(json.loads(line), path, n) for n, line in _lines(path) if line.strip()]
+            return [_json_line(line, path, n) for n, line in _lines(path) if line.strip()]
         if suffix == ".json":
             return _load_json(path)
         if suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         if suffix == ".parquet":
             return _load_parquet(path)
@@ -68,6 +68,15 @@ def _lines(path: Path) -> list[tuple[int, str]]:
         return [(n, line.rstrip("\n")) for n, line in enumerate(f, start=1)]
 
 
+def _json_line(line: str, path: Path, n: int) -> dict[str, Any]:
+    try:
+        return _object(json.loads(line), path, n)
+    except json.JSONDecodeError as exc:
+        raise TrainingError(
+            f"{path}:{n}: not valid JSON ({exc.msg}); each line must be one JSON object"
+        ) from None
+
+
 def _object(value: Any, path: Path, line: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TrainingError(f'{path}:{line}: each line must be a JSON object like {{"text": ...}}')
@@ -80,9 +89,7 @@ def _load_json(path: Path) -> list[dict[str, Any]]:
         value = json.loads(text)
     except json.JSONDecodeError:
         # A .json file that is really JSON Lines is common; accept it.
-        return [
-            _object(json.loads(line), path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()
-        ]
+        return [_json_line(line, path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):

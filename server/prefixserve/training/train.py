@@ -171,12 +171,18 @@ def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str, chat: bool) -> list
     # The tokens PEFT's initialize_kv_prefix_from_text prefills, to size the prefix to the whole text.
     if chat:
         messages = [{"role": "system", "content": text}]
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        try:
+            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+        except (TypeError, ValueError):  # no chat template: PEFT falls back to the plain text, and so do we
+            pass
     return list(tokenizer(text)["input_ids"])
 
 
 def _init_from_text(peft_model: Any, tokenizer: PreTrainedTokenizerBase, opts: TrainOptions, t: int) -> None:
-    from peft import initialize_kv_prefix_from_text
+    try:
+        from peft import initialize_kv_prefix_from_text
+    except ImportError:  # added to PEFT with cartridges; 0.21 has it
+        raise TrainingError("--init text needs a newer PEFT (0.21 or later): pip install -U peft") from None
 
     n = len(_text_ids(tokenizer, opts.init_text, opts.init_chat_template))
     if n < t:
