@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from prefixserve.demo import DEMO_MODEL_DIR
+from prefixserve.engine.detokenizer import OutputText
 from prefixserve.engine.errors import QueueFullError, RequestValidationError
 from prefixserve.engine.sequence import FinishReason
 from tests.engine_harness import make_engine, run_until_idle, submit
@@ -99,3 +100,17 @@ def test_batch_never_exceeds_max_batch_size(tmp_path):
         engine.step()
         assert engine.num_running <= 3
     assert [len(s.tokens) for s in sinks] == [4 + i for i in range(7)]
+
+
+def test_incomplete_utf8_is_held_back_then_flushed(engine):
+    """Byte-level tokens that split a character emit nothing until it completes, and are flushed at the end."""
+    tok = engine.loaded.tokenizer
+    ids = tok.encode("ok €€")
+    cut = ids[:-1]  # ends inside the last '€'
+    assert tok.decode(cut).endswith("\ufffd")
+    text = OutputText(tok, stop=())
+    deltas = [text.add(i) for i in cut]
+    assert "\ufffd" not in "".join(deltas)
+    assert "".join(deltas) + text.finish() == tok.decode(cut)
+    whole = OutputText(tok, stop=())
+    assert "".join(whole.add(i) for i in ids) + whole.finish() == "ok €€"

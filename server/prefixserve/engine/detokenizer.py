@@ -35,6 +35,12 @@ class OutputText:
         """Release whatever was held back (the sequence ended without completing a stop sequence)."""
         if self.stopped:
             return ""
+        if self._read_offset < len(
+            self.ids
+        ):  # tokens held back as an incomplete character: flush them as they are
+            prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+            self.text += self._decode(self.ids[self._prefix_offset :])[len(prefix_text) :]
+            self._read_offset = len(self.ids)
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
