@@ -11,7 +11,7 @@ import io
 import json
 import tarfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -224,71 +224,83 @@ def _safe_member_name(name: str) -> str:
     return path.name
 
 
-def _count_members(count: int) -> None:
-    if count > MAX_ARCHIVE_MEMBERS:
-        raise InvalidAdapterError(
-            f"archive holds more than {MAX_ARCHIVE_MEMBERS} entries; send only the adapter directory"
-        )
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    kind: str  # "file", "dir" or "other" (links, devices, ...)
+    size: int
+    read: Callable[[int], bytes]  # read(at_most)
 
 
-def _add_member(out: dict[str, bytes], name: str, content: bytes, total: int, limit: int) -> int:
-    total += len(content)
-    if total > limit:
-        raise AdapterTooLargeError(
-            f"archive unpacks to more than {limit // 2**20} MB; the adapter is too large"
-        )
-    if name in out:
-        raise InvalidAdapterError(f"archive holds {name} twice; send one adapter per archive")
-    out[name] = content
-    return total
+def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
+    def kind(info: zipfile.ZipInfo) -> str:
+        if info.is_dir():
+            return "dir"
+        return "file" if (info.external_attr >> 16) & 0o170000 in (0, 0o100000) else "other"
+
+    def reader(info: zipfile.ZipInfo) -> Callable[[int], bytes]:
+        def read(at_most: int) -> bytes:
+            with archive.open(info) as member:
+                return member.read(at_most)
+
+        return read
+
+    return [_Member(i.filename, kind(i), i.file_size, reader(i)) for i in archive.infolist()]
+
+
+def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
+    def reader(info: tarfile.TarInfo) -> Callable[[int], bytes]:
+        def read(at_most: int) -> bytes:
+            extracted = archive.extractfile(info)
+            return extracted.read(at_most) if extracted else b""
+
+        return read
+
+    def kind(info: tarfile.TarInfo) -> str:
+        return "dir" if info.isdir() else "file" if info.isfile() else "other"
+
+    return [_Member(i.name, kind(i), i.size, reader(i)) for i in archive.getmembers()]
 
 
 def _extract_zip(data: bytes, limit: int) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    total = 0
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        infos = archive.infolist()
-        _count_members(len(infos))
-        for info in infos:
-            base = _safe_member_name(info.filename)
-            if info.is_dir():
-                continue
-            mode = (info.external_attr >> 16) & 0o170000
-            if mode not in (0, 0o100000):
-                raise InvalidAdapterError(
-                    f"archive member {info.filename!r} is a link or special file; refusing it"
-                )
-            if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
-                continue
-            if info.file_size > limit:
-                raise AdapterTooLargeError(f"archive member {base} unpacks to more than {limit // 2**20} MB")
-            with archive.open(info) as member:
-                content = member.read(limit + 1)
-            total = _add_member(out, base, content, total, limit)
-    return out
+        return _take_adapter_files(_zip_members(archive), limit)
 
 
 def _extract_tar(data: bytes, limit: int) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+        return _take_adapter_files(_tar_members(archive), limit)
+
+
+def _take_adapter_files(members: list[_Member], limit: int) -> dict[str, bytes]:
+    """The adapter files of an archive, by basename; refuses unsafe paths, links and oversized content."""
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise InvalidAdapterError(
+            f"archive holds more than {MAX_ARCHIVE_MEMBERS} entries; send only the adapter directory"
+        )
     out: dict[str, bytes] = {}
     total = 0
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-        members = archive.getmembers()
-        _count_members(len(members))
-        for member in members:
-            base = _safe_member_name(member.name)
-            if member.isdir():
-                continue
-            if not member.isfile():
-                raise InvalidAdapterError(
-                    f"archive member {member.name!r} is a link or special file; refusing it"
-                )
-            if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
-                continue
-            if member.size > limit:
-                raise AdapterTooLargeError(f"archive member {base} unpacks to more than {limit // 2**20} MB")
-            extracted = archive.extractfile(member)
-            content = extracted.read(limit + 1) if extracted else b""
-            total = _add_member(out, base, content, total, limit)
+    for member in members:
+        base = _safe_member_name(member.name)
+        if member.kind == "dir":
+            continue
+        if member.kind != "file":
+            raise InvalidAdapterError(
+                f"archive member {member.name!r} is a link or special file; refusing it"
+            )
+        if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
+            continue
+        if member.size > limit:
+            raise AdapterTooLargeError(f"archive member {base} unpacks to more than {limit // 2**20} MB")
+        content = member.read(limit + 1)
+        total += len(content)
+        if total > limit:
+            raise AdapterTooLargeError(
+                f"archive unpacks to more than {limit // 2**20} MB; the adapter is too large"
+            )
+        if base in out:
+            raise InvalidAdapterError(f"archive holds {base} twice; send one adapter per archive")
+        out[base] = content
     return out
 
 
