@@ -34,7 +34,9 @@ VOCAB = 50257
 
 def build_model(out: Path) -> Path:
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 1)).save_pretrained(out)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 1)
+    ).save_pretrained(out)
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{VOCAB - 1}").save_pretrained(out)
@@ -66,14 +68,20 @@ def bench_hf_generate(model, prompts: torch.Tensor, new: int) -> float:
     with torch.inference_mode():
         return timed(
             lambda: model.generate(
-                input_ids=prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                input_ids=prompts,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
                 pad_token_id=VOCAB - 1,
             )
         )
 
 
 def bench_peft_one_at_a_time(model_dir: Path, adapters: list[Path], prompts: torch.Tensor, new: int) -> float:
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir).eval(), adapters[0], "a0")
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir).eval(), adapters[0], "a0"
+    )
     for i, path in enumerate(adapters[1:], start=1):
         peft.load_adapter(path, f"a{i}")
 
@@ -81,8 +89,12 @@ def bench_peft_one_at_a_time(model_dir: Path, adapters: list[Path], prompts: tor
         for i, prompt in enumerate(prompts):
             peft.set_adapter(f"a{i % len(adapters)}")
             peft.generate(
-                input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=new,
-                min_new_tokens=new, do_sample=False, pad_token_id=VOCAB - 1,
+                input_ids=prompt[None],
+                attention_mask=torch.ones_like(prompt[None]),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=VOCAB - 1,
             )
 
     with torch.inference_mode():
@@ -140,8 +152,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="prefixserve-bench-"))
     model_dir = build_model(tmp / "model")
     adapters = build_adapters(model_dir, tmp / "adapters", args.requests, args.virtual)
-    prompts = torch.randint(0, VOCAB - 1, (args.requests, args.prompt), generator=torch.Generator().manual_seed(0))
-    engine = make_engine(model_dir, tmp / "store", adapters, args.requests, args.virtual + args.prompt + args.new)
+    prompts = torch.randint(
+        0, VOCAB - 1, (args.requests, args.prompt), generator=torch.Generator().manual_seed(0)
+    )
+    engine = make_engine(
+        model_dir, tmp / "store", adapters, args.requests, args.virtual + args.prompt + args.new
+    )
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokens = args.requests * args.new
 
@@ -157,22 +173,36 @@ def main() -> None:
 
     hf_best, eng_best = max(hf), max(eng)
     rows = [
-        ("HF generate, base model, batch of %d (no adapters)" % args.requests, f"{hf_best:.1f}", "1.00"),
-        ("prefixserve engine, %d requests, %d different adapters (T=%d)" % (args.requests, len(adapters), args.virtual),
-         f"{eng_best:.1f}", f"{eng_best / hf_best:.2f}"),
-        ("PEFT, one request at a time, set_adapter per request", f"{peft_tps:.1f}", f"{peft_tps / hf_best:.2f}"),
+        (f"HF generate, base model, batch of {args.requests} (no adapters)", f"{hf_best:.1f}", "1.00"),
+        (
+            f"prefixserve engine, {args.requests} requests, {len(adapters)} different adapters (T={args.virtual})",
+            f"{eng_best:.1f}",
+            f"{eng_best / hf_best:.2f}",
+        ),
+        (
+            "PEFT, one request at a time, set_adapter per request",
+            f"{peft_tps:.1f}",
+            f"{peft_tps / hf_best:.2f}",
+        ),
     ]
-    print(f"\n{date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
-          f"torch {torch.__version__}  prompt={args.prompt} new={args.new} greedy fp32")
+    print(
+        f"\n{date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
+        f"torch {torch.__version__}  prompt={args.prompt} new={args.new} greedy fp32"
+    )
     print(f"{'system':<72} {'tokens/s':>9} {'vs HF':>6}")
     for name, tps, ratio in rows:
         print(f"{name:<72} {tps:>9} {ratio:>6}")
     print(f"engine / PEFT one-at-a-time: {eng_best / peft_tps:.2f}x")
     print(f"all runs tokens/s: HF {[round(x, 1) for x in hf]}, engine {[round(x, 1) for x in eng]}")
-    print(f"adapter load store->registry (T={args.virtual}, {loads and len(loads)} loads): p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    print(
+        f"adapter load store->registry (T={args.virtual}, {loads and len(loads)} loads): p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"hf": hf, "engine": eng, "peft": peft_tps, "load_p50_ms": p50,
-                                         "load_p99_ms": p99}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"hf": hf, "engine": eng, "peft": peft_tps, "load_p50_ms": p50, "load_p99_ms": p99}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":
