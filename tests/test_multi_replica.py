@@ -1,0 +1,584 @@
+"""Several replicas behind HAProxy on loopback, sharing one adapter store (issue 5).
+
+Three real `prefixserve serve` processes share one adapter directory; HAProxy runs docker/haproxy.cfg
+with only its addresses changed to this machine's loopback ports. Checked here: an adapter uploaded
+through the balancer is served alike by every replica; a replaced or deleted adapter is noticed by every
+replica within the refresh interval; concurrent uploads of one id leave one whole version; and a replica
+stopped (SIGTERM) under load is routed around with no failed request other than those it had in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HAPROXY_CFG = REPO / "docker" / "haproxy.cfg"
+REPLICAS = ("replica-1", "replica-2", "replica-3")  # the server names in docker/haproxy.cfg
+REFRESH_SECONDS = 0.5
+# A replica must show a replaced or deleted adapter within the refresh interval; the rest is slack for
+# a loaded 2-core CI machine (the polling itself, process scheduling).
+STALENESS_BOUND = REFRESH_SECONDS + 4.0
+DRAIN_SECONDS = 5
+PROMPTS = ("Hello", "Once upon a time")
+MAX_NEW_TOKENS = 8
+
+# Load phase: bounded in requests and in time.
+LOAD_THREADS = 6
+LOAD_MAX_REQUESTS = 600
+LOAD_SECONDS = 9.0
+LOAD_NEW_TOKENS = 160
+SIGTERM_AFTER = 2.5
+AFTER_EXIT_SECONDS = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class Replica:
+    def __init__(self, name: str, store: Path, log_path: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            sys.executable,
+            "-c",
+            "from prefixserve.cli import main; main()",
+            "serve",
+            "--model",
+            "tiny",
+            "--adapter-dir",
+            str(store),
+            "--port",
+            str(self.port),
+            "--adapter-refresh-seconds",
+            str(REFRESH_SECONDS),
+            "--drain-seconds",
+            str(DRAIN_SECONDS),
+            "--num-threads",
+            "1",
+            "--max-total-tokens",
+            "512",
+            "--max-input-tokens",
+            "128",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {k: v for k, v in env.items() if not k.startswith("PREFIXSERVE_")}
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=store.parent
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_healthy(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not healthy in time:\n{self.log()}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self._log.close()
+
+
+def loopback_config(text: str, lb_port: int, stats_port: int, ports: dict[str, int]) -> str:
+    """docker/haproxy.cfg with every address moved to 127.0.0.1: the frontends' binds and the servers."""
+    out, section, servers = [], "", Counter()
+    for line in text.splitlines():
+        stripped = line.strip()
+        if line and not line[0].isspace():
+            section = stripped
+        words = stripped.split()
+        if words[:1] == ["bind"]:
+            port = stats_port if section == "frontend stats" else lb_port
+            line = f"    bind 127.0.0.1:{port}"
+        elif words[:1] == ["server"]:
+            name = words[1]
+            if name not in ports:
+                continue
+            words[2] = f"127.0.0.1:{ports[name]}"
+            line = "    " + " ".join(words)
+            servers[name] += 1
+        elif words[:1] == ["default-server"]:
+            line = re.sub(r"\s+resolvers\s+\S+", "", line)
+        out.append(line)
+    assert sorted(servers) == sorted(ports) and set(servers.values()) == {2}, servers
+    assert {"frontend prefixserve", "frontend stats"} <= {ln.strip() for ln in out}
+    return "\n".join(out) + "\n"
+
+
+class Balancer:
+    def __init__(self, workdir: Path, ports: dict[str, int]) -> None:
+        self.port = free_port()
+        self.stats_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cfg = workdir / "haproxy.cfg"
+        self.cfg.write_text(loopback_config(HAPROXY_CFG.read_text(), self.port, self.stats_port, ports))
+        check = subprocess.run(
+            ["haproxy", "-c", "-f", str(self.cfg)], capture_output=True, text=True, timeout=30
+        )
+        assert check.returncode == 0 and "WARNING" not in check.stderr + check.stdout, check.stderr
+        self.log_path = workdir / "haproxy.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(self.cfg)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def stats(self) -> list[dict[str, str]]:
+        r = httpx.get(f"http://127.0.0.1:{self.stats_port}/stats;csv", timeout=2.0)
+        r.raise_for_status()
+        return list(csv.DictReader(io.StringIO(r.text.lstrip("# "))))
+
+    def server_rows(self, name: str) -> list[dict[str, str]]:
+        return [row for row in self.stats() if row["svname"] == name]
+
+    def wait_all_up(self, names: tuple[str, ...], deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited:\n{self.log_path.read_text(errors='replace')}")
+            try:
+                rows = [r for r in self.stats() if r["pxname"] == "by_adapter" and r["svname"] in names]
+                if len(rows) == len(names) and all(r["status"] == "UP" for r in rows):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"not all servers UP: {self.stats()}")
+
+    def wait_status(self, name: str, prefix: str, deadline: float) -> str:
+        status = ""
+        while time.monotonic() < deadline:
+            status = next(r["status"] for r in self.server_rows(name) if r["pxname"] == "by_adapter")
+            if status.startswith(prefix):
+                return status
+            time.sleep(0.2)
+        return status
+
+    def requests_log(self) -> dict[str, dict[str, str]]:
+        """Request id -> backend, server, status, termination state, retries, from HAProxy's httplog lines."""
+        pattern = re.compile(
+            r" (?P<backend>\S+)/(?P<server>\S+) \S+ (?P<status>-?\d+) \S+ \S+ \S+ (?P<term>\S{4}) "
+            r"\d+/\d+/\d+/\d+/(?P<retries>\+?\d+) \S+ \{(?P<rid>[^|}]*)\|(?P<adapter>[^}]*)\}"
+        )
+        out = {}
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            m = pattern.search(line)
+            if m and m["rid"]:
+                out[m["rid"]] = m.groupdict()
+        return out
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=5)
+        self._log.close()
+
+
+@dataclass
+class Cluster:
+    workdir: Path
+    replicas: dict[str, Replica]
+    balancer: Balancer
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+
+def make_adapter(out_dir: Path, seed: int) -> Path:
+    """A PEFT prefix-tuning adapter of the demo model with random (seeded) prompt-encoder weights."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from prefixserve.demo import DEMO_MODEL_DIR
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.normal_(0, 1, generator=generator)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def upload_files(adapter_dir: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [
+        ("files", (name, (adapter_dir / name).read_bytes(), "application/octet-stream"))
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    ]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    if shutil.which("haproxy") is None:
+        message = "haproxy is not installed (apt-get install haproxy; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    tmp = tmp_path_factory.mktemp("multi")
+    store = tmp / "shared-store"
+    store.mkdir()
+    replicas: dict[str, Replica] = {}
+    balancer = None
+    try:
+        for name in REPLICAS:
+            replicas[name] = Replica(name, store, tmp / f"{name}.log")
+        # While the replicas load their model: the adapters (PEFT, random prompt encoders).
+        adapters = {f"v{seed}": make_adapter(tmp / f"adapter-v{seed}", seed) for seed in (1, 2)}
+        deadline = time.monotonic() + 90
+        for replica in replicas.values():
+            replica.wait_healthy(deadline)
+        balancer = Balancer(tmp, {name: r.port for name, r in replicas.items()})
+        balancer.wait_all_up(REPLICAS, time.monotonic() + 30)
+        yield Cluster(tmp, replicas, balancer, adapters)
+    finally:
+        for replica in replicas.values():
+            replica.stop()
+        if balancer is not None:
+            balancer.stop()
+
+
+def generate(url: str, adapter_id: str | None, prompt: str, header: bool = False) -> httpx.Response:
+    params: dict[str, object] = {"max_new_tokens": MAX_NEW_TOKENS, "details": True}
+    headers = {}
+    if header and adapter_id:
+        headers["X-Adapter-Id"] = adapter_id
+    else:
+        params["adapter_id"] = adapter_id
+    return httpx.post(
+        f"{url}/generate", json={"inputs": prompt, "parameters": params}, headers=headers, timeout=30
+    )
+
+
+def outputs(url: str, adapter_id: str | None, header: bool = False) -> tuple | int:
+    """Greedy text and token ids for every prompt, or the first non-200 status."""
+    out = []
+    for prompt in PROMPTS:
+        r = generate(url, adapter_id, prompt, header)
+        if r.status_code != 200:
+            return r.status_code
+        body = r.json()
+        out.append((body["generated_text"], tuple(t["id"] for t in body["details"]["tokens"])))
+    return tuple(out)
+
+
+def wait_until(cluster: Cluster, adapter_id: str, expected: tuple | int) -> dict[str, float]:
+    """Poll every replica directly until it answers `expected`; seconds each took. Bounded by STALENESS_BOUND."""
+    start = time.monotonic()
+    took: dict[str, float] = {}
+    last: dict[str, object] = {}
+    while len(took) < len(cluster.replicas) and time.monotonic() - start < STALENESS_BOUND:
+        for name, replica in cluster.replicas.items():
+            if name not in took:
+                last[name] = outputs(replica.url, adapter_id)
+                if last[name] == expected:
+                    took[name] = time.monotonic() - start
+        time.sleep(0.05)
+    assert len(took) == len(cluster.replicas), f"stale after {STALENESS_BOUND}s: {last} (expected {expected})"
+    # And no replica goes back to an old version afterwards.
+    for replica in cluster.replicas.values():
+        assert outputs(replica.url, adapter_id) == expected
+    return took
+
+
+def test_upload_through_balancer_then_every_replica_serves_it(cluster):
+    lb = cluster.balancer.url
+    r = httpx.put(f"{lb}/v1/adapters/shared", files=upload_files(cluster.adapters["v1"]), timeout=30)
+    assert r.status_code == 201, r.text
+    sha_v1 = r.json()["sha256"]
+
+    base = outputs(lb, None)
+    v1 = outputs(lb, "shared")
+    assert isinstance(v1, tuple) and isinstance(base, tuple)
+    assert v1 != base, "the adapter should change the base model's output"
+    assert outputs(lb, "shared", header=True) == v1  # affinity backend (X-Adapter-Id)
+    for name, replica in cluster.replicas.items():
+        assert outputs(replica.url, "shared") == v1, name
+        assert outputs(replica.url, "shared", header=True) == v1, name
+        assert outputs(replica.url, None) == base, name
+        info = httpx.get(f"{replica.url}/v1/adapters/shared", timeout=10).json()
+        assert info["sha256"] == sha_v1, name
+
+
+def test_header_requests_stick_to_one_replica(cluster):
+    """Consistent hashing on X-Adapter-Id: one adapter, one replica (when there is no overload)."""
+    lb = cluster.balancer.url
+    rids = []
+    for _ in range(6):
+        rid = uuid.uuid4().hex
+        r = httpx.post(
+            f"{lb}/generate",
+            json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}},
+            headers={"X-Adapter-Id": "shared", "X-Request-Id": rid},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.headers["X-Request-Id"] == rid
+        rids.append(rid)
+    time.sleep(0.3)  # HAProxy logs a request after it ends
+    log = cluster.balancer.requests_log()
+    assert {log[rid]["backend"] for rid in rids} == {"by_adapter"}
+    assert len({log[rid]["server"] for rid in rids}) == 1, [log[rid] for rid in rids]
+    # Without the header: least connections; the balancer gives the request an id the replica keeps.
+    r = httpx.get(f"{lb}/v1/adapters", timeout=10)
+    assert r.status_code == 200 and re.fullmatch(r"[0-9A-F-]{20,}", r.headers["X-Request-Id"])
+
+
+def test_replaced_adapter_is_seen_by_every_replica_within_refresh(cluster):
+    lb = cluster.balancer.url
+    v1 = outputs(lb, "shared")
+    # The expected output of the new version, from a probe id that was never cached anywhere.
+    r = httpx.put(f"{lb}/v1/adapters/probe-v2", files=upload_files(cluster.adapters["v2"]), timeout=30)
+    assert r.status_code == 201, r.text
+    v2 = outputs(cluster.replicas["replica-1"].url, "probe-v2")
+    assert isinstance(v2, tuple) and v2 != v1
+
+    for replica in cluster.replicas.values():  # every replica holds v1 warm in its cache
+        assert outputs(replica.url, "shared") == v1
+    r = httpx.put(f"{lb}/v1/adapters/shared", files=upload_files(cluster.adapters["v2"]), timeout=30)
+    assert r.status_code == 200, r.text  # replaced
+    took = wait_until(cluster, "shared", v2)
+    print(
+        f"\nreplace: each replica served the new version after {sorted(round(t, 2) for t in took.values())} s"
+    )
+    assert outputs(lb, "shared") == v2 and outputs(lb, "shared", header=True) == v2
+
+
+def test_deleted_adapter_is_404_on_every_replica_within_refresh(cluster):
+    lb = cluster.balancer.url
+    for replica in cluster.replicas.values():  # warm everywhere
+        assert isinstance(outputs(replica.url, "shared"), tuple)
+    r = httpx.delete(f"{lb}/v1/adapters/shared", timeout=30)
+    assert r.status_code == 204, r.text
+    took = wait_until(cluster, "shared", 404)
+    print(f"\ndelete: each replica answered 404 after {sorted(round(t, 2) for t in took.values())} s")
+    for replica in cluster.replicas.values():
+        assert httpx.get(f"{replica.url}/v1/adapters/shared", timeout=10).status_code == 404
+    assert outputs(lb, "shared", header=True) == 404
+
+
+def test_concurrent_uploads_of_one_id_leave_one_whole_version(cluster):
+    files = {v: upload_files(cluster.adapters[v]) for v in ("v1", "v2")}
+    r = httpx.put(f"{cluster.balancer.url}/v1/adapters/probe-v1", files=files["v1"], timeout=30)
+    assert r.status_code == 201
+    expected = {
+        outputs(cluster.replicas["replica-1"].url, "probe-v1"): "v1",
+        outputs(cluster.replicas["replica-1"].url, "probe-v2"): "v2",
+    }
+    shas = {}
+    for v in ("v1", "v2"):
+        shas[httpx.get(f"{cluster.balancer.url}/v1/adapters/probe-{v}", timeout=10).json()["sha256"]] = v
+    urls = [r.url for r in cluster.replicas.values()]
+    for round_ in range(4):
+        jobs = [(urls[i % len(urls)], files["v1" if (i + round_) % 2 else "v2"]) for i in range(4)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            codes = list(
+                pool.map(
+                    lambda job: httpx.put(f"{job[0]}/v1/adapters/race", files=job[1], timeout=30).status_code,
+                    jobs,
+                )
+            )
+        assert all(code in (200, 201) for code in codes), codes
+        sha = httpx.get(f"{urls[0]}/v1/adapters/race", timeout=10).json()["sha256"]
+        assert sha in shas, "the stored file is neither upload"
+        took = wait_until(cluster, "race", next(o for o, v in expected.items() if v == shas[sha]))
+        assert len(took) == len(urls)
+
+
+@dataclass
+class Outcome:
+    rid: str
+    kind: str
+    start: float
+    end: float
+    ok: bool
+    why: str = ""
+    thread: int = 0
+
+
+def one_request(client: httpx.Client, kind: str, adapter_id: str) -> tuple[bool, str, str]:
+    rid = uuid.uuid4().hex
+    params = {"max_new_tokens": LOAD_NEW_TOKENS, "details": True}
+    headers = {"X-Request-Id": rid}
+    if kind != "base":
+        headers["X-Adapter-Id"] = adapter_id
+    body = {"inputs": "Hello", "parameters": params}
+    try:
+        if kind == "stream":
+            events = []
+            with client.stream("POST", "/generate_stream", json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return False, rid, f"HTTP {r.status_code}: {r.text[:200]}"
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(json.loads(line[5:]))
+            last = events[-1] if events else {}
+            if "error" in last or last.get("generated_text") is None:
+                return False, rid, f"stream ended without its final event: {str(last)[:200]}"
+            if last["details"]["generated_tokens"] != len(events):
+                return False, rid, "stream lost events"
+            return True, rid, ""
+        r = client.post("/generate", json=body, headers=headers)
+        if r.status_code != 200:
+            return False, rid, f"HTTP {r.status_code}: {r.text[:200]}"
+        if r.json()["details"]["generated_tokens"] < 1:
+            return False, rid, "no tokens"
+        return True, rid, ""
+    except httpx.HTTPError as exc:
+        return False, rid, f"{type(exc).__name__}: {exc}"
+
+
+def test_stopping_one_replica_under_load_fails_no_request(cluster):
+    lb = cluster.balancer
+    adapter_ids = [f"load-{i}" for i in range(12)]
+    home: dict[str, str] = {}
+    for adapter_id in adapter_ids:
+        r = httpx.put(
+            f"{lb.url}/v1/adapters/{adapter_id}", files=upload_files(cluster.adapters["v1"]), timeout=30
+        )
+        assert r.status_code == 201, r.text
+        rid = uuid.uuid4().hex
+        r = httpx.post(
+            f"{lb.url}/generate",
+            json={"inputs": "Hello", "parameters": {"max_new_tokens": 1}},
+            headers={"X-Adapter-Id": adapter_id, "X-Request-Id": rid},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        home[adapter_id] = rid
+    time.sleep(0.3)
+    log = lb.requests_log()
+    home = {adapter_id: log[rid]["server"] for adapter_id, rid in home.items()}
+    # Stop the replica that the most adapters hash to, so that it carries load when it stops.
+    victim_name = Counter(home.values()).most_common(1)[0][0]
+    victim = cluster.replicas[victim_name]
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    kinds = ("adapter", "base", "stream")
+
+    def worker(index: int) -> None:
+        with httpx.Client(base_url=lb.url, timeout=60) as client:
+            n = 0
+            while not stop.is_set():
+                with lock:
+                    if len(outcomes) >= LOAD_MAX_REQUESTS:
+                        return
+                kind = kinds[(index + n) % len(kinds)]
+                start = time.monotonic()
+                ok, rid, why = one_request(client, kind, adapter_ids[(index + n) % len(adapter_ids)])
+                with lock:
+                    outcomes.append(Outcome(rid, kind, start, time.monotonic(), ok, why, index))
+                n += 1
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(LOAD_THREADS)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(SIGTERM_AFTER)
+        # Stop the victim while the balancer has requests running on it (waiting for one: bounded).
+        in_flight = 0
+        poll_until = time.monotonic() + 3
+        while time.monotonic() < poll_until:
+            in_flight = sum(int(row["scur"] or 0) for row in lb.server_rows(victim_name))
+            if in_flight:
+                break
+            time.sleep(0.02)
+        t_sigterm = time.monotonic()
+        victim.proc.send_signal(signal.SIGTERM)
+        try:
+            victim.proc.wait(DRAIN_SECONDS + 15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{victim_name} did not exit after SIGTERM within the drain:\n{victim.log()}")
+        t_exit = time.monotonic()
+        # Keep the load on a while after the exit, to see the balancer route around the stopped replica.
+        time.sleep(max(AFTER_EXIT_SECONDS, LOAD_SECONDS - (t_exit - t0)))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+    assert not any(t.is_alive() for t in threads)
+    status = lb.wait_status(victim_name, "DOWN", time.monotonic() + 10)
+    time.sleep(0.3)
+    log = lb.requests_log()
+
+    def server(o: Outcome) -> str:
+        return log.get(o.rid, {}).get("server", "?")
+
+    (cluster.workdir / "load-outcomes.json").write_text(
+        json.dumps([{**o.__dict__, "start": o.start - t0, "end": o.end - t0} for o in outcomes], indent=1)
+    )
+    failed = [o for o in outcomes if not o.ok]
+    on_victim_at_sigterm = [o for o in outcomes if o.start < t_sigterm < o.end and server(o) == victim_name]
+    in_flight_at_sigterm = [o for o in outcomes if o.start < t_sigterm < o.end]
+    retried = [o for o in outcomes if log.get(o.rid, {}).get("retries", "0") not in ("0", "+0")]
+    after_exit = [o for o in outcomes if o.start > t_exit]
+    by_server = Counter(server(o) for o in outcomes)
+    print(
+        f"\nstop-one-replica: adapters per replica by X-Adapter-Id hash {dict(Counter(home.values()))}"
+        f"\n  sent {len(outcomes)} requests through the balancer "
+        f"({dict(Counter(o.kind for o in outcomes))}) in {time.monotonic() - t0:.1f} s; "
+        f"served by {dict(by_server)}"
+        f"\n  SIGTERM to {victim_name} at {t_sigterm - t0:.2f} s with {in_flight} request(s) running on it "
+        f"(balancer's count), {len(in_flight_at_sigterm)} in flight in all; it exited after "
+        f"{t_exit - t_sigterm:.2f} s with code {victim.proc.returncode}; balancer status now {status}"
+        f"\n  requests in flight on {victim_name} at SIGTERM: {len(on_victim_at_sigterm)} "
+        f"(failed: {sum(not o.ok for o in on_victim_at_sigterm)})"
+        f"\n  retried/redispatched by the balancer: {len(retried)} "
+        f"{[(log[o.rid]['server'], log[o.rid]['retries'], log[o.rid]['term']) for o in retried]}"
+        f"\n  failed: {len(failed)}"
+        + "".join(f"\n    {o.kind} {o.rid} on {server(o)}: {o.why}" for o in failed)
+    )
+    assert len(outcomes) <= LOAD_MAX_REQUESTS + LOAD_THREADS
+    assert by_server[victim_name] > 0, "the victim served nothing: the test did not exercise it"
+    unexplained = [o for o in failed if o not in on_victim_at_sigterm]
+    assert not unexplained, [(o.kind, server(o), o.why) for o in unexplained]
+    # And, as documented for the drain, the requests running on the replica at SIGTERM finished too.
+    assert not failed, [(o.kind, server(o), o.why) for o in failed]
+    assert victim.proc.returncode in (0, -signal.SIGTERM), victim.proc.returncode
+    assert len(after_exit) >= 5, "too little load after the stop to tell"
+    assert all(o.ok and server(o) != victim_name for o in after_exit)
+    assert status.startswith("DOWN"), status
+    # The survivors still serve every adapter.
+    for adapter_id in adapter_ids[:2]:
+        assert isinstance(outputs(lb.url, adapter_id, header=True), tuple)
