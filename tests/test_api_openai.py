@@ -185,3 +185,24 @@ def test_tgi_stream_events(server):
     assert (
         events[-1]["details"]["finish_reason"] == "length" and events[-1]["details"]["generated_tokens"] == 9
     )
+
+
+def test_every_endpoint_is_in_the_openapi_schema(server):
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    expected = {
+        "/generate": "post",
+        "/generate_stream": "post",
+        "/v1/completions": "post",
+        "/v1/chat/completions": "post",
+        "/v1/models": "get",
+        "/v1/adapters": "post",
+        "/v1/adapters/{adapter_id}": "put",
+        "/health": "get",
+        "/ready": "get",
+        "/info": "get",
+        "/metrics": "get",
+    }
+    for path, method in expected.items():
+        assert method in paths.get(path, {}), path
+    put_body = paths["/v1/adapters/{adapter_id}"]["put"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(put_body)
