@@ -62,11 +62,16 @@ def test_cancelled_request_frees_its_row_at_the_next_step(engine):
 
 
 def test_full_queue_is_a_typed_refusal(tmp_path):
-    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", max_queue_size=2)
-    submit(engine, PROMPT, None)
-    submit(engine, PROMPT, None)
+    """Free rows count too: a burst fills the free rows first, then the queue, then gets refused."""
+    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", max_batch_size=1, max_queue_size=2)
+    for _ in range(3):  # one for the free row, two for the queue
+        submit(engine, PROMPT, None)
     with pytest.raises(QueueFullError, match="at capacity"):
         submit(engine, PROMPT, None)
+    no_queue = make_engine(DEMO_MODEL_DIR, tmp_path / "store2", max_batch_size=1, max_queue_size=0)
+    submit(no_queue, PROMPT, None)
+    with pytest.raises(QueueFullError):
+        submit(no_queue, PROMPT, None)
 
 
 @pytest.mark.parametrize(
@@ -114,3 +119,17 @@ def test_incomplete_utf8_is_held_back_then_flushed(engine):
     assert "".join(deltas) + text.finish() == tok.decode(cut)
     whole = OutputText(tok, stop=())
     assert "".join(whole.add(i) for i in ids) + whole.finish() == "ok €€"
+
+
+def test_the_earliest_of_several_stop_sequences_wins(engine):
+    tok = engine.loaded.tokenizer
+    ids = tok.encode("hello world and more")
+    for stops in (("wor", " wo"), (" wo", "wor")):
+        text = OutputText(tok, stop=stops)
+        out = ""
+        for i in ids:
+            out += text.add(i)
+            if text.stopped:
+                break
+        out += text.finish()
+        assert out == "hello" and text.stopped, stops

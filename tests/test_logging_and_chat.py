@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from prefixserve.api.app import ServerState
+from prefixserve.api.auth import KeyFileError, KeyRing
 from prefixserve.api.errors import APIError
 from prefixserve.logging_setup import JsonFormatter
 
@@ -30,3 +31,29 @@ def test_chat_without_a_template_is_a_422():
     with pytest.raises(APIError, match="has no chat template; use /v1/completions") as info:
         ServerState.encode_chat(state, [{"role": "user", "content": "hi"}])
     assert info.value.status == 422
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"key": "k" * 20, "tenant": "acme", "admin": "false"}, "'admin' must be true or false"),
+        ({"key": "k" * 20}, "'tenant' must be a string"),
+        ({"key": "short", "tenant": "acme"}, "at least 16 characters"),
+        ({"key_sha256": "abc", "tenant": "acme"}, "64 hex characters"),
+        ({"key": "k" * 20, "tenant": "../x"}, "invalid tenant"),
+    ],
+)
+def test_keys_file_is_validated(tmp_path, entry, message):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [entry]}))
+    with pytest.raises(KeyFileError, match=message):
+        KeyRing.from_file(path)
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(
+        json.dumps({"keys": [{"key": "k" * 20, "tenant": "a"}, {"key": "k" * 20, "tenant": "b"}]})
+    )
+    with pytest.raises(KeyFileError, match="listed twice"):
+        KeyRing.from_file(path)

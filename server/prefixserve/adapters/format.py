@@ -248,7 +248,7 @@ def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
     return [_Member(i.filename, kind(i), i.file_size, reader(i)) for i in archive.infolist()]
 
 
-def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
+def _tar_members(archive: tarfile.TarFile, limit: int) -> list[_Member]:
     def reader(info: tarfile.TarInfo) -> Callable[[int], bytes]:
         def read(at_most: int) -> bytes:
             extracted = archive.extractfile(info)
@@ -259,7 +259,19 @@ def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
     def kind(info: tarfile.TarInfo) -> str:
         return "dir" if info.isdir() else "file" if info.isfile() else "other"
 
-    return [_Member(i.name, kind(i), i.size, reader(i)) for i in archive.getmembers()]
+    members = []
+    # Lazily, member by member: a header's size is checked before tarfile decompresses past that member's
+    # content, and the count before the next header is read, so a tar bomb costs no more than `limit`.
+    while (info := archive.next()) is not None:
+        if len(members) >= MAX_ARCHIVE_MEMBERS or info.size > limit:
+            break
+        members.append(_Member(info.name, kind(info), info.size, reader(info)))
+    else:
+        return members
+    raise InvalidAdapterError(
+        f"archive holds more than {MAX_ARCHIVE_MEMBERS} entries or a member above {limit // 2**20} MB; "
+        "send only the adapter directory"
+    )
 
 
 def _extract_zip(data: bytes, limit: int) -> dict[str, bytes]:
@@ -269,7 +281,7 @@ def _extract_zip(data: bytes, limit: int) -> dict[str, bytes]:
 
 def _extract_tar(data: bytes, limit: int) -> dict[str, bytes]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-        return _take_adapter_files(_tar_members(archive), limit)
+        return _take_adapter_files(_tar_members(archive, limit), limit)
 
 
 def _take_adapter_files(members: list[_Member], limit: int) -> dict[str, bytes]:

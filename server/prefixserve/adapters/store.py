@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -17,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError
+from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError, InvalidAdapterIdError
 from prefixserve.adapters.format import TENSOR_NAME, PrefixAdapter, parse_config, parse_weights
 from prefixserve.adapters.ids import validate_adapter_id
 
+log = logging.getLogger(__name__)
 FILE_SUFFIX = ".safetensors"
 FORMAT_TAG = "prefixserve.adapter/1"
 STALE_TEMP_SECONDS = 600.0
@@ -109,6 +111,10 @@ class AdapterStore:
                 metadata = fh.metadata() or {}
         except FileNotFoundError:
             raise AdapterNotFoundError(adapter_id) from None
+        except SafetensorError as exc:
+            raise InvalidAdapterError(
+                f"the stored file of adapter '{adapter_id}' is unreadable ({exc}); upload the adapter again"
+            ) from None
         return self._info_from_metadata(namespace, adapter_id, metadata, stat)
 
     def fingerprint(self, namespace: str, adapter_id: str) -> Fingerprint | None:
@@ -124,14 +130,19 @@ class AdapterStore:
         directory = self.root / validate_adapter_id(namespace, "tenant")
         if not directory.is_dir():
             return []
+        ids = sorted(
+            p.name[: -len(FILE_SUFFIX)]
+            for p in directory.glob(f"*{FILE_SUFFIX}")
+            if not p.name.startswith(".")
+        )
         infos = []
-        for path in sorted(directory.glob(f"*{FILE_SUFFIX}")):
-            if path.name.startswith("."):
-                continue
+        for adapter_id in ids:  # sorted by id, which is what pagination cursors compare
             try:
-                infos.append(self.info(namespace, path.name[: -len(FILE_SUFFIX)]))
+                infos.append(self.info(namespace, adapter_id))
             except AdapterNotFoundError:
                 continue  # deleted while listing
+            except (InvalidAdapterError, InvalidAdapterIdError) as exc:
+                log.warning("skipping unreadable file for adapter %r in %s: %s", adapter_id, directory, exc)
         return infos
 
     def namespaces(self) -> list[str]:
@@ -148,20 +159,25 @@ class AdapterStore:
     def _info_from_metadata(
         self, namespace: str, adapter_id: str, metadata: dict[str, str], stat: os.stat_result
     ) -> AdapterInfo:
-        if metadata.get("format") != FORMAT_TAG:
-            raise InvalidAdapterError(f"{self.path(namespace, adapter_id)} is not a prefixserve adapter file")
-        config = parse_config(metadata["adapter_config"].encode())
-        return AdapterInfo(
-            namespace=namespace,
-            adapter_id=adapter_id,
-            peft_type=config["peft_type"],
-            num_virtual_tokens=config["num_virtual_tokens"],
-            sha256=metadata["sha256"],
-            size_bytes=stat.st_size,
-            created_at=float(metadata["created_at"]),
-            updated_at=stat.st_mtime,
-            config=config,
-        )
+        try:
+            if metadata.get("format") != FORMAT_TAG:
+                raise ValueError("not written by prefixserve")
+            config = parse_config(metadata["adapter_config"].encode())
+            return AdapterInfo(
+                namespace=namespace,
+                adapter_id=adapter_id,
+                peft_type=config["peft_type"],
+                num_virtual_tokens=config["num_virtual_tokens"],
+                sha256=metadata["sha256"],
+                size_bytes=stat.st_size,
+                created_at=float(metadata["created_at"]),
+                updated_at=stat.st_mtime,
+                config=config,
+            )
+        except (KeyError, ValueError, InvalidAdapterError) as exc:
+            raise InvalidAdapterError(
+                f"the stored file of adapter '{adapter_id}' is unreadable ({exc}); upload the adapter again"
+            ) from None
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files left by a crash; young ones may belong to another replica's upload in progress."""

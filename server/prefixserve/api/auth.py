@@ -64,11 +64,16 @@ class KeyRing:
             if not isinstance(item, dict):
                 raise KeyFileError(f"{where} must be an object")
             tenant = item.get("tenant")
+            if not isinstance(tenant, str):
+                raise KeyFileError(f"{where}: 'tenant' must be a string")
             try:
-                validate_adapter_id(str(tenant), "tenant")
+                validate_adapter_id(tenant, "tenant")
             except InvalidAdapterIdError as exc:
                 raise KeyFileError(f"{where}: {exc}") from None
-            if "key" in item and isinstance(item["key"], str) and len(item["key"]) >= 16:
+            admin = item.get("admin", False)
+            if not isinstance(admin, bool):
+                raise KeyFileError(f"{where}: 'admin' must be true or false (a JSON boolean), got {admin!r}")
+            if isinstance(item.get("key"), str) and len(item["key"]) >= 16:
                 digest = hashlib.sha256(item["key"].encode()).digest()
             elif "key_sha256" in item:
                 try:
@@ -79,7 +84,9 @@ class KeyRing:
                     raise KeyFileError(f"{where}: key_sha256 must be 64 hex characters")
             else:
                 raise KeyFileError(f"{where}: give 'key' (at least 16 characters) or 'key_sha256'")
-            entries.append(_KeyEntry(digest, Principal(tenant, bool(item.get("admin", False)))))
+            if any(hmac.compare_digest(digest, e.digest) for e in entries):
+                raise KeyFileError(f"{where}: this key is listed twice; each key maps to one tenant")
+            entries.append(_KeyEntry(digest, Principal(tenant, admin)))
         return cls(entries)
 
     def authenticate(self, key: str) -> Principal | None:

@@ -66,13 +66,19 @@ async def start(
         )
     adapter = adapter_ref(adapter_spec, tenant, (state.model_name,))
     state.limiter.acquire(tenant)
+    released = False
+
+    def release() -> None:  # once, whichever comes first: the finish event or a refusal
+        nonlocal released
+        if not released:
+            released = True
+            state.limiter.release(tenant)
+
     try:
-        stream = await submit(state.engine, prompt_ids, adapter, params)
+        return await submit(state.engine, prompt_ids, adapter, params, release)
     except BaseException:
-        state.limiter.release(tenant)
+        release()
         raise
-    stream.on_finish.append(lambda: state.limiter.release(tenant))
-    return stream
 
 
 @dataclass

@@ -32,28 +32,24 @@ class OutputText:
         return self._release()
 
     def finish(self) -> str:
-        """Release whatever was held back (the sequence ended without completing a stop sequence)."""
+        """Release whatever was held back: the sequence ended without (yet) completing a stop sequence."""
         if self.stopped:
             return ""
-        if self._read_offset < len(
-            self.ids
-        ):  # tokens held back as an incomplete character: flush them as they are
+        if self._read_offset < len(self.ids):  # an incomplete character at the very end: flush it as it is
             prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
             self.text += self._decode(self.ids[self._prefix_offset :])[len(prefix_text) :]
             self._read_offset = len(self.ids)
-        delta = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return delta
+        return self._release(final=True)
 
-    def _release(self) -> str:
-        for stop in self.stop:
-            # Only the tail can hold a new match: look from just before the unreleased text.
-            at = self.text.find(stop, max(0, self.emitted - len(stop) + 1))
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped = True
-                break
-        end = len(self.text) if self.stopped else len(self.text) - self._holdback()
+    def _release(self, final: bool = False) -> str:
+        # Only the tail can hold a new match: look from just before the unreleased text. The earliest match
+        # of any stop sequence wins, so no part of another stop sequence is ever released.
+        matches = [self.text.find(stop, max(0, self.emitted - len(stop) + 1)) for stop in self.stop]
+        matches = [at for at in matches if at != -1]
+        if matches:
+            self.text = self.text[: min(matches)]
+            self.stopped = True
+        end = len(self.text) if self.stopped or final else len(self.text) - self._holdback()
         delta = self.text[self.emitted : end]
         self.emitted = max(self.emitted, end)
         return delta

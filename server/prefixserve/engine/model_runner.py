@@ -41,14 +41,14 @@ class ModelRunner:
         assert [s.slot for s in seqs] == list(range(first_row, first_row + len(seqs))), (
             "prefill rows must be compact"
         )
-        for seq in seqs:
-            if seq.prefix is not None:
-                self.cache.write_prefix(seq.slot, seq.prefix.kv)
         prefix_lens = torch.tensor([s.num_virtual_tokens for s in seqs])
         prompt_lens = torch.tensor([s.num_prompt_tokens for s in seqs])
         width = int(prompt_lens.max())
         self.cache.ensure_capacity(min(self.max_length, int(prefix_lens.max()) + width))
         capacity = self.cache.capacity
+        for seq in seqs:
+            if seq.prefix is not None:
+                self.cache.write_prefix(seq.slot, seq.prefix.kv)
 
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         for i, seq in enumerate(seqs):

@@ -25,7 +25,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         with self._lock:
-            if len(self.waiting) >= self.max_waiting:
+            free_rows = max(0, self.max_rows - len(self.running))
+            if len(self.waiting) >= self.max_waiting + free_rows:
                 raise QueueFullError(
                     f"the server is at capacity ({len(self.running)} running, {len(self.waiting)} waiting); "
                     "retry later"
@@ -45,15 +46,15 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """The rows of the next step and whether it is a prefill (new rows) or a decode (all running rows)."""
         joining: list[Sequence] = []
-        budget = self.max_prefill_tokens
+        width = 0  # the padded batch costs rows x the widest row, not the sum of the rows
         with self._lock:
             while self.waiting and len(self.running) + len(joining) < self.max_rows:
                 seq = self.waiting[0]
-                cost = seq.num_virtual_tokens + seq.num_prompt_tokens
-                if joining and cost > budget:
+                new_width = max(width, seq.num_virtual_tokens + seq.num_prompt_tokens)
+                if joining and new_width * (len(joining) + 1) > self.max_prefill_tokens:
                     break
                 self.waiting.popleft()
-                budget -= cost
+                width = new_width
                 joining.append(seq)
         if joining:
             for seq in joining:

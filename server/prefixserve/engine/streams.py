@@ -17,17 +17,26 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.seq: Sequence | None = None
-        self.on_finish: list[Callable[[], None]] = []  # run on the event loop when the last event arrives
+        self.finished = False
+        self._on_finish: list[Callable[[], None]] = []
+
+    def add_finish_callback(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the event loop once the last event has arrived (at once if it already has)."""
+        if self.finished:
+            callback()
+        else:
+            self._on_finish.append(callback)
 
     def sink(self, event: TokenEvent) -> None:
         self._loop.call_soon_threadsafe(self._deliver, event)
 
     def _deliver(self, event: TokenEvent) -> None:
         self._queue.put_nowait(event)
-        if event.finish_reason is not None:
-            for callback in self.on_finish:
+        if event.finish_reason is not None and not self.finished:
+            self.finished = True
+            for callback in self._on_finish:
                 callback()
-            self.on_finish.clear()
+            self._on_finish.clear()
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         try:
@@ -45,9 +54,18 @@ class RequestStream:
 
 
 async def submit(
-    engine: LLMEngine, prompt_ids: list[int], adapter: AdapterRef | None, params: SamplingParams
+    engine: LLMEngine,
+    prompt_ids: list[int],
+    adapter: AdapterRef | None,
+    params: SamplingParams,
+    on_finish: Callable[[], None] | None = None,
 ) -> RequestStream:
-    """Queue a request without blocking the event loop (an adapter miss reads the store)."""
+    """Queue a request without blocking the event loop (an adapter miss reads the store).
+
+    `on_finish` is registered before the engine sees the request, so it runs even when the request ends
+    before this coroutine resumes."""
     stream = RequestStream(engine, asyncio.get_running_loop())
+    if on_finish is not None:
+        stream.add_finish_callback(on_finish)
     stream.seq = await asyncio.to_thread(engine.submit, prompt_ids, adapter, params, stream.sink)
     return stream
