@@ -228,7 +228,11 @@ def test_tenants_cannot_see_each_other(keyed_server, versions):
         assert c.delete("/v1/adapters/acme-only", headers=as_acme).status_code == 204
         assert c.get("/v1/adapters/acme-only", headers=auth("acme")).status_code == 404
         # Operations stay open.
-        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+        # Metrics name every tenant's adapters: admin only.
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=auth("acme")).status_code == 403
+        assert c.get("/metrics", headers=auth("ops")).status_code == 200
 
 
 def test_non_loopback_without_keys_is_refused(tmp_path):

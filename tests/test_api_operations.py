@@ -144,7 +144,7 @@ def test_metrics_and_info(slow_model, tmp_path):
         first = next(lines)
         text = httpx.get(f"{server.url}/metrics").text
         assert response.status_code == 200, first
-        assert re.search(r'prefixserve_adapter_requests_info\{.*running_adapters="steer"', text)
+        assert re.search(r'prefixserve_adapter_requests_info\{.*running_adapters="default/steer"', text)
         cm.__exit__(None, None, None)
         client.close()
         httpx.post(

@@ -84,7 +84,9 @@ class LLMEngine:
         seq.text = OutputText(self.loaded.tokenizer, params.stop)
         if params.do_sample:
             seq.generator = make_generator(params.seed, self.loaded.device)
-        with self._wakeup:
+        with self._wakeup:  # the loop checks `_stopping` under this lock too: no request slips past its exit
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down; retry on another replica")
             self.scheduler.add(seq)
             metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
             self._wakeup.notify()
@@ -207,6 +209,8 @@ class LLMEngine:
             self._emit(seq, TokenEvent(-1, "", 0.0, False, "", reason, error))
         now = time.monotonic()
         metrics.REQUEST_COUNT.labels(reason.value).inc()
+        if reason in (FinishReason.LENGTH, FinishReason.EOS, FinishReason.STOP_SEQUENCE):
+            metrics.REQUEST_SUCCESS.inc()
         metrics.REQUEST_DURATION.observe(now - seq.arrival_time)
         metrics.GENERATED_TOKENS.inc(len(seq.output_ids))
         if seq.first_token_time is not None and len(seq.output_ids) > 1:
@@ -236,14 +240,13 @@ class LLMEngine:
                     self.step()
                 except Exception:  # a bug must not leave every client waiting on a dead loop
                     log.exception("engine step failed; failing the requests in flight")
-                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                        self._emit(
-                            seq,
-                            TokenEvent(-1, "", 0.0, False, "", FinishReason.ERROR, "internal engine error"),
-                        )
-                        seq.status = SequenceStatus.FINISHED
-                    self.scheduler.running.clear()
-                    self.scheduler.waiting.clear()
+                    self._fail_all("internal engine error")
+
+    def _fail_all(self, error: str) -> None:
+        with self._wakeup:
+            seqs = self.scheduler.take_all()
+        for seq in seqs:
+            self._finish(seq, FinishReason.ERROR, error=error, remove=False)
 
     def stop_accepting(self) -> None:
         self._stopping = True
@@ -261,10 +264,10 @@ class LLMEngine:
         return True
 
     def running_adapters(self) -> list[str]:
-        return [s.prefix.name for s in list(self.scheduler.running) if s.prefix is not None]
+        return _adapter_names(list(self.scheduler.running))
 
     def waiting_adapters(self) -> list[str]:
-        return [s.prefix.name for s in list(self.scheduler.waiting) if s.prefix is not None]
+        return _adapter_names(list(self.scheduler.waiting))
 
     @property
     def num_running(self) -> int:
@@ -273,3 +276,12 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+
+def _adapter_names(seqs: list[Sequence]) -> list[str]:
+    names = []
+    for seq in seqs:
+        prefix = seq.prefix  # read once: the engine thread clears it when the sequence finishes
+        if prefix is not None:
+            names.append(f"{prefix.namespace}/{prefix.name}")
+    return names

@@ -64,6 +64,16 @@ class Scheduler:
             return joining, True
         return list(self.running), False
 
+    def take_all(self) -> list[Sequence]:
+        """Empty the scheduler (after a failed step; the cache rows are simply reused)."""
+        with self._lock:
+            seqs = list(self.running) + list(self.waiting)
+            self.running.clear()
+            self.waiting.clear()
+        for seq in seqs:
+            seq.slot = -1
+        return seqs
+
     def remove(self, seq: Sequence) -> tuple[Sequence, int, int] | None:
         """Take `seq` out of the batch. If another row must move into its slot, return (moved, src, dst)."""
         slot = seq.slot
