@@ -206,3 +206,69 @@ def test_every_endpoint_is_in_the_openapi_schema(server):
         assert method in paths.get(path, {}), path
     put_body = paths["/v1/adapters/{adapter_id}"]["put"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(put_body)
+
+
+def test_tgi_clients_neutral_fields_root_route_and_truncate(server):
+    from huggingface_hub import InferenceClient
+
+    neutral = {
+        "best_of": None,
+        "typical_p": None,
+        "top_n_tokens": None,
+        "watermark": False,
+        "grammar": None,
+        "frequency_penalty": None,
+        "decoder_input_details": False,
+        "truncate": None,
+        "adapter_id": "pirate",
+        "max_new_tokens": 6,
+    }
+    r = httpx.post(f"{server.url}/generate", json={"inputs": PROMPT, "parameters": neutral})
+    assert r.status_code == 200, r.text
+    expected = generate_tokens(server, PROMPT, "pirate", 6)["generated_text"]
+    assert r.json()["generated_text"] == expected
+    # huggingface_hub's client posts to the root, as TGI serves it.
+    client = InferenceClient(model=server.url)
+    out = client.text_generation(PROMPT, max_new_tokens=6, details=True, adapter_id="pirate")
+    assert out.generated_text == expected and out.details.generated_tokens == 6
+    streamed = "".join(client.text_generation(PROMPT, max_new_tokens=6, stream=True, adapter_id="pirate"))
+    assert streamed == expected
+    # truncate keeps the last tokens of the inputs.
+    ids = tokenizer(DEMO_MODEL_DIR).encode(PROMPT)
+    tail = tokenizer(DEMO_MODEL_DIR).decode(ids[-2:])
+    truncated = httpx.post(
+        f"{server.url}/generate", json={"inputs": PROMPT, "parameters": {"truncate": 2, "max_new_tokens": 6}}
+    )
+    assert truncated.json()["generated_text"] == generate_tokens(server, tail, None, 6)["generated_text"]
+    refused = httpx.post(
+        f"{server.url}/generate", json={"inputs": PROMPT, "parameters": {"adapter_source": "hub"}}
+    )
+    assert refused.status_code == 422 and "adapter_source" in refused.json()["error"]
+
+
+def test_openai_token_prompts_n_limit_and_default_length(client, server):
+    ids = tokenizer(DEMO_MODEL_DIR).encode(PROMPT)
+    by_ids = client.completions.create(model="pirate", prompt=ids, max_tokens=5, temperature=0)
+    by_text = client.completions.create(model="pirate", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    with pytest.raises(openai.UnprocessableEntityError, match="prompt token ids must be in"):
+        client.completions.create(model="pirate", prompt=[10**6], max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="per tenant"):
+        client.completions.create(model="pirate", prompt=[PROMPT] * 40, n=2, max_tokens=2)
+    # No max_tokens and a prompt that leaves less room than the default: clamped, not refused.
+    tok = tokenizer(DEMO_MODEL_DIR)
+
+    def chat_len(text: str) -> int:
+        messages = [{"role": "user", "content": text}]
+        return len(
+            tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
+
+    long_text = "word"
+    while chat_len(long_text + " word") < 1000:  # leaves 24 positions of the demo model's 1024, default is 64
+        long_text += " word"
+    chat = client.chat.completions.create(
+        model="", messages=[{"role": "user", "content": long_text}], temperature=0
+    )
+    assert chat.usage.prompt_tokens == chat_len(long_text) and chat.usage.total_tokens == 1024
+    assert chat.choices[0].finish_reason == "length"

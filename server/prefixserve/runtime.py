@@ -47,6 +47,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_queue_size=settings.max_queue_size,
         max_input_tokens=min(settings.max_input_tokens, loaded.max_length - 1),
         max_new_tokens=settings.max_new_tokens,
+        default_max_new_tokens=settings.default_max_new_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
     )
     return Runtime(settings, loaded, store, registry, LLMEngine(loaded, registry, limits))

@@ -36,7 +36,7 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(
         None, ge=0, le=1, description="0 or 1: the chosen tokens' log-probabilities."

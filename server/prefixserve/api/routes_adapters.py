@@ -74,6 +74,8 @@ class FromTextRequest(BaseModel):
     )
 
 
+_MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the files
+
 _UPLOAD_BODY = {
     "required": True,
     "content": {
@@ -92,6 +94,13 @@ _UPLOAD_BODY = {
 async def _adapter_from_request(request: Request) -> PrefixAdapter:
     """Multipart `files` (the PEFT pair, or one archive), or JSON `{"from_text": ...}`."""
     state = request.app.state.server
+    max_bytes = int(state.settings.max_adapter_mb * 2**20)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes + _MULTIPART_OVERHEAD:
+        raise AdapterTooLargeError(  # refused before the body is read or spooled to disk
+            f"upload is {int(declared) / 2**20:.1f} MB, above this server's limit of {max_bytes / 2**20:.1f} MB "
+            "(--max-adapter-mb)"
+        )
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
@@ -117,7 +126,6 @@ async def _adapter_from_request(request: Request) -> PrefixAdapter:
         )
     form = await request.form()
     uploads = [f for f in form.getlist("files") if isinstance(f, StarletteUploadFile)]
-    max_bytes = int(state.settings.max_adapter_mb * 2**20)
     files = await run_in_threadpool(_read_files, uploads, max_bytes)
     return await run_in_threadpool(read_upload, files, max_bytes)
 

@@ -24,17 +24,13 @@ from prefixserve.engine.sequence import SamplingParams, TokenEvent
 router = APIRouter(tags=["generation (TGI/LoRAX)"])
 
 
-def sampling_params(p: GenerateParameters, default_max_new_tokens: int) -> SamplingParams:
-    if p.decoder_input_details:
-        raise APIError(
-            422, "parameters.decoder_input_details is not supported; set it to false", "validation"
-        )
+def sampling_params(p: GenerateParameters) -> SamplingParams:
     # As TGI does: any sampling knob turns sampling on.
     do_sample = (
         p.do_sample or p.temperature not in (None, 1.0) or p.top_k is not None or p.top_p not in (None, 1.0)
     )
     return SamplingParams(
-        max_new_tokens=p.max_new_tokens or default_max_new_tokens,
+        max_new_tokens=p.max_new_tokens,  # None: the server's default, within the room left in the row
         do_sample=do_sample,
         temperature=p.temperature or 1.0,
         top_k=p.top_k,
@@ -43,6 +39,12 @@ def sampling_params(p: GenerateParameters, default_max_new_tokens: int) -> Sampl
         seed=p.seed,
         stop=tuple(p.stop),
     )
+
+
+def _prompt_ids(state, body: GenerateRequest) -> list[int]:
+    ids = state.encode(body.inputs)
+    truncate = body.parameters.truncate
+    return ids[-truncate:] if truncate else ids
 
 
 def _token(event: TokenEvent) -> Token:
@@ -57,9 +59,9 @@ async def generate(
     state = request.app.state.server
     if body.stream:
         raise APIError(422, "stream=true: use POST /generate_stream for a streamed response", "validation")
-    params = sampling_params(body.parameters, state.settings.default_max_new_tokens)
+    params = sampling_params(body.parameters)
     adapter = body.parameters.adapter_id or x_adapter_id
-    stream = await start(request, state.encode(body.inputs), adapter, params)
+    stream = await start(request, _prompt_ids(state, body), adapter, params)
     out = await collect(stream, request)
     seq = stream.seq
     text = body.inputs + out.text if body.parameters.return_full_text else out.text
@@ -75,15 +77,27 @@ async def generate(
     return GenerateResponse(generated_text=text, details=details)
 
 
+@router.post(
+    "/",
+    include_in_schema=True,
+    summary="TGI's compatibility route: /generate, or /generate_stream when stream=true",
+)
+async def generate_compat(body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)):
+    """What TGI serves at its root and `huggingface_hub`'s `InferenceClient` posts to."""
+    if body.stream:
+        return await generate_stream(body, request, x_adapter_id)
+    return await generate(body.model_copy(update={"stream": False}), request, x_adapter_id)
+
+
 @router.post("/generate_stream")
 async def generate_stream(
     body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)
 ) -> StreamingResponse:
     """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
     state = request.app.state.server
-    params = sampling_params(body.parameters, state.settings.default_max_new_tokens)
+    params = sampling_params(body.parameters)
     adapter = body.parameters.adapter_id or x_adapter_id
-    stream = await start(request, state.encode(body.inputs), adapter, params)
+    stream = await start(request, _prompt_ids(state, body), adapter, params)
     prefix = body.inputs if body.parameters.return_full_text else ""
 
     async def sse() -> AsyncIterator[str]:
@@ -91,7 +105,11 @@ async def generate_stream(
         try:
             async for event in events(stream):
                 text += event.text_delta
-                if event.token_id < 0:
+                if (
+                    event.token_id < 0
+                ):  # cancelled by the server (drain deadline): say so rather than just stop
+                    error = {"error": "the request was cancelled by the server", "error_type": "cancelled"}
+                    yield f"data: {json.dumps(error)}\n\n"
                     continue
                 index += 1
                 chunk = StreamResponse(index=index, token=_token(event))

@@ -42,7 +42,7 @@ def _refuse(field: str, why: str) -> APIError:
     return APIError(422, f"{field}: {why}", "validation")
 
 
-def sampling_params(body: _SamplingFields, max_new_tokens: int) -> SamplingParams:
+def sampling_params(body: _SamplingFields, max_new_tokens: int | None) -> SamplingParams:
     if body.presence_penalty or body.frequency_penalty:
         raise _refuse("presence_penalty/frequency_penalty", "not supported; use repetition_penalty")
     if body.logit_bias:
@@ -64,6 +64,14 @@ def sampling_params(body: _SamplingFields, max_new_tokens: int) -> SamplingParam
 async def _start_all(
     request: Request, prompts: list[list[int]], model: str, params: SamplingParams, n: int
 ) -> list[RequestStream]:
+    """One engine request per prompt and choice; each counts against the tenant's concurrency limit."""
+    limit = request.app.state.server.limiter.limit
+    if len(prompts) * n > limit:
+        raise _refuse(
+            "n",
+            f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} generations, above this server's "
+            f"{limit} per tenant (--max-concurrent-per-tenant); send fewer at once",
+        )
     streams: list[RequestStream] = []
     try:
         for prompt_ids in prompts:
@@ -75,6 +83,14 @@ async def _start_all(
             stream.cancel()
         raise
     return streams
+
+
+async def _collect_all(streams: list[RequestStream], request: Request) -> list[Collected]:
+    try:
+        return await asyncio.gather(*(collect(s, request) for s in streams))
+    finally:  # when one choice fails, the others stop too instead of running on for nobody
+        for stream in streams:
+            stream.cancel()
 
 
 async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
@@ -130,10 +146,10 @@ async def completions(body: CompletionRequest, request: Request):
     for field, bad in (("echo", body.echo), ("best_of", (body.best_of or 1) > 1), ("suffix", body.suffix)):
         if bad:
             raise _refuse(field, "not supported")
-    prompts = [state.encode(p) for p in ([body.prompt] if isinstance(body.prompt, str) else body.prompt)]
+    prompts = _prompts(state, body.prompt)
     if not prompts:
         raise _refuse("prompt", "must not be an empty list")
-    params = sampling_params(body, body.max_tokens or state.settings.default_max_new_tokens)
+    params = sampling_params(body, body.max_tokens)
     streams = await _start_all(request, prompts, body.model, params, body.n)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     if body.stream:
@@ -144,7 +160,7 @@ async def completions(body: CompletionRequest, request: Request):
             ),
             media_type="text/event-stream",
         )
-    results: list[Collected] = await asyncio.gather(*(collect(s, request) for s in streams))
+    results = await _collect_all(streams, request)
     choices = [
         CompletionChoice(
             index=i,
@@ -156,6 +172,14 @@ async def completions(body: CompletionRequest, request: Request):
     ]
     usage = _usage(prompts, sum(len(r.tokens) for r in results))
     return Completion(id=rid, created=created, model=model, choices=choices, usage=usage)
+
+
+def _prompts(state, prompt: str | list) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.encode(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [state.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def _completion_logprobs(tokens: list[TokenEvent]) -> CompletionLogprobs:
@@ -219,7 +243,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             content = "".join(str(part.get("text", "")) for part in content)
         messages.append({"role": message.role, "content": content or ""})
     prompt = state.encode_chat(messages)
-    max_new = body.max_completion_tokens or body.max_tokens or state.settings.default_max_new_tokens
+    max_new = (
+        body.max_completion_tokens or body.max_tokens
+    )  # None: the server's default, within the room left
     params = sampling_params(body, max_new)
     streams = await _start_all(request, [prompt], body.model, params, body.n)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
@@ -229,7 +255,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             _stream_chat(streams, [prompt], rid, created, model, include_usage),
             media_type="text/event-stream",
         )
-    results: list[Collected] = await asyncio.gather(*(collect(s, request) for s in streams))
+    results = await _collect_all(streams, request)
     choices = [
         ChatChoice(
             index=i,

@@ -42,6 +42,7 @@ class EngineLimits:
     max_queue_size: int = 256
     max_input_tokens: int = 1024
     max_new_tokens: int = 1024
+    default_max_new_tokens: int = 64
     max_prefill_tokens: int = 4096
     max_stop_sequences: int = 4
 
@@ -64,6 +65,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(limits.max_batch_size, limits.max_queue_size, limits.max_prefill_tokens)
         self._special_ids = frozenset(loaded.tokenizer.all_special_ids)
+        self._vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -77,6 +79,9 @@ class LLMEngine:
             raise EngineStoppedError("the server is shutting down; retry on another replica")
         prefix = self.registry.get(*adapter) if adapter is not None else None
         num_virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        if params.max_new_tokens is None:
+            room = self.max_length - num_virtual - len(prompt_ids)
+            params = replace(params, max_new_tokens=max(1, min(self.limits.default_max_new_tokens, room)))
         self._validate(prompt_ids, num_virtual, params)
         if params.do_sample and params.seed is None:
             params = replace(params, seed=secrets.randbits(63))
@@ -102,6 +107,10 @@ class LLMEngine:
         lim = self.limits
         if not prompt_ids:
             raise RequestValidationError("inputs must not be empty: give at least one token of prompt")
+        if any(not 0 <= t < self._vocab_size for t in prompt_ids):
+            raise RequestValidationError(
+                f"prompt token ids must be in [0, {self._vocab_size}), the model's vocabulary"
+            )
         if len(prompt_ids) > lim.max_input_tokens:
             raise RequestValidationError(
                 f"inputs has {len(prompt_ids)} tokens, above this server's max_input_tokens of {lim.max_input_tokens}"

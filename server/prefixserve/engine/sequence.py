@@ -16,7 +16,7 @@ from prefixserve.engine.detokenizer import OutputText
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # None: the engine's default, clamped to the room left in the row
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
