@@ -82,6 +82,7 @@ class AdapterRegistry:
             maxsize=cache_bytes, getsizeof=lambda entry: entry.prefix.nbytes
         )
         self._lock = threading.RLock()
+        self._invalidations = 0  # bumped by every upload/delete; a load that overlapped one is not cached
 
     def validate(self, adapter: PrefixAdapter) -> None:
         validate_adapter(adapter, self.shape, self.max_virtual_tokens)
@@ -99,6 +100,7 @@ class AdapterRegistry:
 
     def invalidate(self, namespace: str, adapter_id: str) -> None:
         with self._lock:
+            self._invalidations += 1
             for key in [k for k in self._cache if k[0] == namespace and adapter_id in k[1]]:
                 del self._cache[key]
             self._update_bytes_gauge()
@@ -113,14 +115,14 @@ class AdapterRegistry:
 
     def get(self, namespace: str, adapter_ids: tuple[str, ...]) -> LoadedPrefix:
         """The prefix for `adapter_ids` (one id, or several to concatenate in order)."""
-        with self._lock:
-            if len(adapter_ids) == 1:
-                return self._get_single(namespace, adapter_ids[0])
-            return self._get_composed(namespace, adapter_ids)
+        if len(adapter_ids) == 1:
+            return self._get_single(namespace, adapter_ids[0])
+        return self._get_composed(namespace, adapter_ids)
 
     def _get_single(self, namespace: str, adapter_id: str) -> LoadedPrefix:
         key = (namespace, (adapter_id,))
-        entry = self._cache.get(key)
+        with self._lock:
+            entry = self._cache.get(key)
         now = time.monotonic()
         if entry is not None:
             if now - entry.checked_at < self.refresh_seconds:
@@ -131,16 +133,20 @@ class AdapterRegistry:
                 entry.checked_at = now
                 metrics.ADAPTER_CACHE_HITS.inc()
                 return entry.prefix
-            del self._cache[key]
+            with self._lock:
+                self._cache.pop(key, None)
             if fingerprint is None:
                 raise AdapterNotFoundError(adapter_id)
+        # A miss reads the store outside the lock, so one cold load never stalls lookups of other adapters.
         metrics.ADAPTER_CACHE_MISSES.inc()
         start = time.perf_counter()
+        invalidations = self._invalidations
         adapter, info, fingerprint = self.store.load(namespace, adapter_id)
         self.validate(adapter)
         kv = embeddings_to_kv(adapter.embeddings.to(self.dtype), self.shape).to(self.device)
         prefix = LoadedPrefix(namespace, (adapter_id,), (info.sha256,), kv)
-        self._insert(key, _Entry(prefix, fingerprint, now))
+        # Cache it unless an upload or delete happened meanwhile: what was read may be the version it replaced.
+        self._insert(key, _Entry(prefix, fingerprint, now), invalidations)
         metrics.ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - start)
         return prefix
 
@@ -148,7 +154,8 @@ class AdapterRegistry:
         parts = [self._get_single(namespace, adapter_id) for adapter_id in adapter_ids]
         version = tuple(p.sha256[0] for p in parts)
         key = (namespace, adapter_ids)
-        entry = self._cache.get(key)
+        with self._lock:
+            entry = self._cache.get(key)
         if entry is not None and entry.version == version:
             return entry.prefix
         total = sum(p.num_virtual_tokens for p in parts)
@@ -162,10 +169,11 @@ class AdapterRegistry:
         self._insert(key, _Entry(prefix, version, time.monotonic()))
         return prefix
 
-    def _insert(self, key: AdapterKey, entry: _Entry) -> None:
-        with contextlib.suppress(ValueError):  # larger than the whole cache budget: serve it uncached
-            self._cache[key] = entry
-        self._update_bytes_gauge()
+    def _insert(self, key: AdapterKey, entry: _Entry, invalidations: int | None = None) -> None:
+        with self._lock, contextlib.suppress(ValueError):  # larger than the whole budget: serve it uncached
+            if invalidations is None or invalidations == self._invalidations:
+                self._cache[key] = entry
+            self._update_bytes_gauge()
 
     def _update_bytes_gauge(self) -> None:
         metrics.ADAPTER_CACHE_BYTES.set(self._cache.currsize)
