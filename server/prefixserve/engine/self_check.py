@@ -16,8 +16,9 @@ from prefixserve.engine.model_loader import LoadedModel
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.sequence import SamplingParams, Sequence
 
-_PREFIX_TOKENS = 3
-_PROMPT = (5, 6, 7, 8)
+# Two rows with different prefix lengths and prompt lengths (so one is padded), then one decode step:
+# every path the engine takes. Token ids are reduced modulo the vocabulary.
+_ROWS = ((3, (5, 6, 7, 8)), (5, (9, 10)))
 
 
 @torch.inference_mode()
@@ -25,28 +26,37 @@ def check_prefix_serving(loaded: LoadedModel) -> float:
     """Return the max |Δlogit| between the two paths; raise UnsupportedModelError when they disagree."""
     shape = loaded.kv_shape
     generator = torch.Generator().manual_seed(0)
-    kv = torch.randn(
-        shape.num_layers, 2, shape.num_kv_heads, _PREFIX_TOKENS, shape.head_dim, generator=generator
-    )
-    kv = kv.to(dtype=loaded.dtype, device=loaded.device)
     vocab = loaded.model.get_input_embeddings().num_embeddings
-    prompt = [t % vocab for t in _PROMPT]
+    rows = []
+    for t, prompt in _ROWS:
+        kv = torch.randn(shape.num_layers, 2, shape.num_kv_heads, t, shape.head_dim, generator=generator)
+        rows.append((kv.to(dtype=loaded.dtype, device=loaded.device), [p % vocab for p in prompt]))
     try:
-        runner = ModelRunner(
-            loaded.model, shape, 1, _PREFIX_TOKENS + len(prompt) + 1, loaded.dtype, loaded.device
-        )
-        seq = Sequence(prompt, SamplingParams(), LoadedPrefix("check", ("check",), ("",), kv), lambda e: None)
-        seq.slot = 0
-        ours = runner.prefill([seq])[0]
-        reference = _reference_logits(loaded, kv, prompt)
+        longest = max(kv.shape[3] + len(prompt) for kv, prompt in rows) + 2
+        runner = ModelRunner(loaded.model, shape, len(rows), longest, loaded.dtype, loaded.device)
+        seqs = []
+        for slot, (kv, prompt) in enumerate(rows):
+            seq = Sequence(
+                prompt, SamplingParams(), LoadedPrefix("check", ("check",), ("",), kv), lambda e: None
+            )
+            seq.slot = slot
+            seqs.append(seq)
+        prefill = runner.prefill(seqs)
+        for seq, logits in zip(seqs, prefill, strict=True):
+            seq.output_ids.append(int(logits.argmax()) % vocab)
+        decode = runner.decode(seqs)
+        deltas = []
+        for (kv, prompt), seq, first, second in zip(rows, seqs, prefill, decode, strict=True):
+            deltas.append(_max_delta(first, _reference_logits(loaded, kv, prompt), loaded.dtype))
+            deltas.append(
+                _max_delta(second, _reference_logits(loaded, kv, prompt + seq.output_ids), loaded.dtype)
+            )
     except Exception as exc:
         raise UnsupportedModelError(
             f"{loaded.name}: this model's attention cannot take a KV prefix through transformers' cache interface "
             f"({type(exc).__name__}: {exc}); it cannot be served"
         ) from exc
-    delta = float((ours - reference).abs().max())
-    scale = float(reference.abs().max()) or 1.0
-    tolerance = 1e-3 * max(1.0, scale) if loaded.dtype == torch.float32 else 3e-2 * max(1.0, scale)
+    delta, tolerance = max(d for d, _ in deltas), min(t for _, t in deltas)
     if not delta <= tolerance:
         raise UnsupportedModelError(
             f"{loaded.name}: logits with an adapter prefix differ from transformers' reference by {delta:.3g} "
@@ -55,7 +65,16 @@ def check_prefix_serving(loaded: LoadedModel) -> float:
     return delta
 
 
+def _max_delta(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    scale = max(1.0, float(reference.abs().max()))
+    tolerance = (
+        1e-3 * scale if ours.dtype == torch.float32 and reference.dtype == torch.float32 else 3e-2 * scale
+    )
+    return float((ours - reference).abs().max()), tolerance
+
+
 def _reference_logits(loaded: LoadedModel, kv: torch.Tensor, prompt: list[int]) -> torch.Tensor:
+    """transformers' own path, as PEFT drives it: a DynamicCache holding the prefix, positions from T."""
     cache = DynamicCache(config=loaded.model.config)
     for layer in range(kv.shape[0]):
         cache.update(kv[layer, 0][None], kv[layer, 1][None], layer)
