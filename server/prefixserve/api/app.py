@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefixserve import __version__, metrics
@@ -44,6 +46,10 @@ class ServerState:
 
     def encode(self, text: str) -> list[int]:
         return self.loaded.tokenizer.encode(text)
+
+    async def aencode(self, text: str) -> list[int]:
+        """Tokenize off the event loop: a long prompt must not stall every other request."""
+        return await run_in_threadpool(self.encode, text)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self.loaded.tokenizer
@@ -118,6 +124,27 @@ class RequestIdMiddleware:
             )
 
 
+class BodyLimitMiddleware:
+    """Refuse a request whose declared body is larger than any endpoint accepts, before reading it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                message = (
+                    f"request body is {int(declared) / 2**20:.1f} MB, above this server's limit of "
+                    f"{self.max_bytes / 2**20:.1f} MB"
+                )
+                response = JSONResponse({"error": message, "error_type": "too_large"}, status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def get_principal(request: Request) -> Principal:
     principal = request.app.state.server.authenticator(request)
     request.state.principal = principal
@@ -150,6 +177,9 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None) -> FastAPI:
         )
     )
 
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=max(16 << 20, int(runtime.settings.max_adapter_mb * 2**20) + (1 << 20))
+    )
     app.add_middleware(RequestIdMiddleware)
 
     authenticated = [Depends(get_principal)]

@@ -41,8 +41,8 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
-def _prompt_ids(state, body: GenerateRequest) -> list[int]:
-    ids = state.encode(body.inputs)
+async def _prompt_ids(state, body: GenerateRequest) -> list[int]:
+    ids = await state.aencode(body.inputs)
     truncate = body.parameters.truncate
     return ids[-truncate:] if truncate else ids
 
@@ -61,7 +61,7 @@ async def generate(
         raise APIError(422, "stream=true: use POST /generate_stream for a streamed response", "validation")
     params = sampling_params(body.parameters)
     adapter = body.parameters.adapter_id or x_adapter_id
-    stream = await start(request, _prompt_ids(state, body), adapter, params)
+    stream = await start(request, await _prompt_ids(state, body), adapter, params)
     out = await collect(stream, request)
     seq = stream.seq
     text = body.inputs + out.text if body.parameters.return_full_text else out.text
@@ -97,7 +97,7 @@ async def generate_stream(
     state = request.app.state.server
     params = sampling_params(body.parameters)
     adapter = body.parameters.adapter_id or x_adapter_id
-    stream = await start(request, _prompt_ids(state, body), adapter, params)
+    stream = await start(request, await _prompt_ids(state, body), adapter, params)
     prefix = body.inputs if body.parameters.return_full_text else ""
 
     async def sse() -> AsyncIterator[str]:

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from prefixserve.api.errors import APIError
 from prefixserve.api.generation import Collected, collect, events, start
@@ -146,7 +147,7 @@ async def completions(body: CompletionRequest, request: Request):
     for field, bad in (("echo", body.echo), ("best_of", (body.best_of or 1) > 1), ("suffix", body.suffix)):
         if bad:
             raise _refuse(field, "not supported")
-    prompts = _prompts(state, body.prompt)
+    prompts = await _prompts(state, body.prompt)
     if not prompts:
         raise _refuse("prompt", "must not be an empty list")
     params = sampling_params(body, body.max_tokens)
@@ -174,12 +175,12 @@ async def completions(body: CompletionRequest, request: Request):
     return Completion(id=rid, created=created, model=model, choices=choices, usage=usage)
 
 
-def _prompts(state, prompt: str | list) -> list[list[int]]:
+async def _prompts(state, prompt: str | list) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [state.encode(prompt)]
+        return [await state.aencode(prompt)]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
-    return [state.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [await state.aencode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def _completion_logprobs(tokens: list[TokenEvent]) -> CompletionLogprobs:
@@ -242,7 +243,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 raise _refuse(f"messages.{i}.content", "only text parts are supported")
             content = "".join(str(part.get("text", "")) for part in content)
         messages.append({"role": message.role, "content": content or ""})
-    prompt = state.encode_chat(messages)
+    prompt = await run_in_threadpool(state.encode_chat, messages)
     max_new = (
         body.max_completion_tokens or body.max_tokens
     )  # None: the server's default, within the room left

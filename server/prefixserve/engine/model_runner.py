@@ -30,7 +30,10 @@ class ModelRunner:
         self.device = device
         self.max_length = max_length
         self.pad_token_id = pad_token_id
-        self.cache = SlotKVCache(shape, max_rows, max_length, dtype, device)
+        # On a GPU the whole cache is allocated up front: running out of memory at start-up beats failing
+        # every running row the first time a long request makes the cache grow.
+        initial = max_length if device.type == "cuda" else 256
+        self.cache = SlotKVCache(shape, max_rows, max_length, dtype, device, initial_length=initial)
         self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
         self._mask_dtype = dtype
 
