@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from tests.conftest import ARCHS
 from tests.engine_harness import NAMESPACE, make_engine, run_until_idle, submit
@@ -158,3 +159,16 @@ def test_rows_leaving_and_joining_at_different_steps_equal_peft(
         step += 1
     for (_, name, prompt, n), sink in zip(plan, sinks, strict=True):
         assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, n), (name, prompt)
+
+
+def test_replacing_an_adapter_mid_request_keeps_the_running_version(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["llama"], adapter_dirs["llama"]
+    engine = make_engine(base, tmp_path / "store", {"live": adapters["rand8"]})
+    running = submit(engine, PROMPTS[0], "live", max_new_tokens=12)
+    for _ in range(4):
+        engine.step()
+    engine.registry.put(NAMESPACE, "live", read_adapter_dir(adapters["rand3"]))  # replaced under the request
+    after = submit(engine, PROMPTS[0], "live", max_new_tokens=12)
+    run_until_idle(engine)
+    assert running.tokens == peft_generate(base, adapters["rand8"], PROMPTS[0], 12)
+    assert after.tokens == peft_generate(base, adapters["rand3"], PROMPTS[0], 12)

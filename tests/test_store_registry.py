@@ -99,17 +99,6 @@ def test_lru_evicts_by_bytes_and_counts(tmp_path):
     assert metrics.ADAPTER_CACHE_EVICTIONS._value.get() == evictions + 1
 
 
-def test_a_running_request_keeps_its_prefix_when_replaced_or_evicted(tmp_path):
-    reg = registry(tmp_path)
-    first = adapter()
-    reg.put("default", "a", first)
-    held = reg.get("default", ("a",))
-    reg.put("default", "a", adapter())
-    new = reg.get("default", ("a",))
-    assert not torch.equal(new.kv, held.kv)
-    assert torch.equal(held.kv, embeddings_to_kv(first.embeddings, SHAPE))  # untouched
-
-
 def test_replacement_by_another_replica_is_seen_within_the_refresh_time(tmp_path):
     reg = registry(tmp_path, refresh=0.2)
     other_replica = AdapterStore(tmp_path)
