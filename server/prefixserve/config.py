@@ -36,7 +36,9 @@ class Settings(BaseSettings):
 
     # Limits
     max_batch_size: int = Field(16, ge=1, description="Most rows decoded together in one forward pass.")
-    max_queue_size: int = Field(256, ge=0, description="Most requests waiting for a row; more get 429.")
+    max_queue_size: int = Field(
+        256, ge=0, description="Most requests waiting beyond the free batch rows; more get 429."
+    )
     max_total_tokens: int = Field(
         2048, ge=2, description="Most tokens of one row: adapter prefix + prompt + generated tokens."
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
+from transformers.utils import logging as hf_logging
 
 from prefixserve.adapters.format import KVShape
 from prefixserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
@@ -92,6 +93,7 @@ def check_servable(config: PretrainedConfig, max_total_tokens: int) -> int:
 
 
 def load_model(model: str, device: str, dtype: str, max_total_tokens: int) -> LoadedModel:
+    hf_logging.disable_progress_bar()  # a server logs lines, not progress bars
     path = resolve_model_path(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
