@@ -24,7 +24,8 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
 
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+# Empty: pip's default index (its Linux x86_64 torch wheels are CUDA builds).
+ARG TORCH_INDEX_URL=
 ARG TORCH_VERSION=2.13.0
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -33,7 +34,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # A virtual environment to copy whole into the runtime stage. torch first, in its own layer: it is
 # the largest download and changes least often.
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+    && if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}"
 
 # Only what `pip install .` needs (.dockerignore lets nothing else in); not the dev or train extras.
 WORKDIR /src
