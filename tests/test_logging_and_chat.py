@@ -57,3 +57,19 @@ def test_duplicate_keys_are_refused(tmp_path):
     )
     with pytest.raises(KeyFileError, match="listed twice"):
         KeyRing.from_file(path)
+
+
+def test_adapter_info_metric_redacts_names_when_there_are_tenants():
+    from prefixserve.metrics import AdapterInfoCollector
+
+    def labels(redact: bool) -> dict[str, str]:
+        collector = AdapterInfoCollector(
+            lambda: ["acme/support", "acme/support"], lambda: ["globex/faq"], 16, redact
+        )
+        return next(iter(collector.collect())).samples[0].labels
+
+    plain = labels(redact=False)
+    assert plain["running_adapters"] == "acme/support" and plain["waiting_adapters"] == "globex/faq"
+    hidden = labels(redact=True)
+    assert "acme" not in str(hidden) and "globex" not in str(hidden) and "support" not in str(hidden)
+    assert len(hidden["running_adapters"]) == 12 and hidden["running_adapters"] != hidden["waiting_adapters"]

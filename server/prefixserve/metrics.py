@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import time
 from collections.abc import Callable, Iterator
 
@@ -55,12 +58,24 @@ QUEUE_SIZE = Gauge("prefixserve_queue_size", "Requests waiting for a batch row")
 
 class AdapterInfoCollector:
     """`prefixserve_adapter_requests_info`, in the style of vLLM's `vllm:lora_requests_info`: which adapters the
-    running and waiting requests use, read at scrape time (so no stale label sets pile up)."""
+    running and waiting requests use, read at scrape time (so no stale label sets pile up). With `redact`
+    (several tenants), each `tenant/adapter` is shown as a keyed digest: stable while the process runs, so
+    operators can still tell adapters apart, but not reversible to a tenant's adapter names."""
 
     def __init__(
-        self, running: Callable[[], list[str]], waiting: Callable[[], list[str]], max_adapters: int
+        self,
+        running: Callable[[], list[str]],
+        waiting: Callable[[], list[str]],
+        max_adapters: int,
+        redact: bool,
     ) -> None:
         self._running, self._waiting, self._max = running, waiting, max_adapters
+        self._key = secrets.token_bytes(16) if redact else None
+
+    def _label(self, names: list[str]) -> str:
+        if self._key is not None:
+            names = [hmac.new(self._key, n.encode(), hashlib.sha256).hexdigest()[:12] for n in names]
+        return ",".join(sorted(set(names)))
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
@@ -69,8 +84,7 @@ class AdapterInfoCollector:
             labels=["running_adapters", "waiting_adapters", "max_adapters"],
         )
         family.add_metric(
-            [",".join(sorted(set(self._running()))), ",".join(sorted(set(self._waiting()))), str(self._max)],
-            time.time(),
+            [self._label(self._running()), self._label(self._waiting()), str(self._max)], time.time()
         )
         yield family
 

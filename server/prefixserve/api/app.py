@@ -173,7 +173,10 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None) -> FastAPI:
     install_error_handlers(app)
     metrics.register_adapter_info(
         metrics.AdapterInfoCollector(
-            runtime.engine.running_adapters, runtime.engine.waiting_adapters, runtime.settings.max_batch_size
+            runtime.engine.running_adapters,
+            runtime.engine.waiting_adapters,
+            runtime.settings.max_batch_size,
+            redact=keyring is not None,
         )
     )
 

@@ -7,7 +7,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prefixserve import __version__
-from prefixserve.api.errors import APIError
 
 router = APIRouter(tags=["operations"])
 
@@ -49,9 +48,8 @@ def info(request: Request) -> dict[str, object]:
 
 
 @router.get("/metrics")
-def prometheus_metrics(request: Request) -> Response:
-    """Prometheus metrics. With API keys, an admin key is needed: adapter ids of every tenant appear here."""
-    state = request.app.state.server
-    if state.authenticator.keyring is not None and not state.authenticator(request).admin:
-        raise APIError(403, "/metrics needs an admin key when the server has API keys", "forbidden")
+def prometheus_metrics() -> Response:
+    """Prometheus metrics, open like TGI's and vLLM's. With API keys, adapter ids in
+    `prefixserve_adapter_requests_info` are replaced by opaque per-process digests, so no tenant's adapter
+    names leak."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
