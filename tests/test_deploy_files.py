@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from prefixserve.config import Settings
+from prefixserve.server import SHUTDOWN_SECONDS_AFTER_DRAIN
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -144,7 +145,7 @@ def test_kubernetes_manifests_fit_together():
     drain = float(
         config["data"].get("PREFIXSERVE_DRAIN_SECONDS", Settings.model_fields["drain_seconds"].default)
     )
-    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain + SHUTDOWN_SECONDS_AFTER_DRAIN
 
     # Volumes: the RWX claim for the adapter store, the Secret for the keys file the settings name.
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -192,7 +193,8 @@ def test_compose_file_parses_and_matches_the_balancer():
         assert {k for k in env if k.startswith("PREFIXSERVE_")} <= env_settings()
         assert f"{volume}:{env['PREFIXSERVE_ADAPTER_DIR']}" in service["volumes"]
         grace = re.fullmatch(r"\$\{\w+:-(\d+)s\}|(\d+)s", service["stop_grace_period"])
-        assert grace and int(grace[1] or grace[2]) > Settings.model_fields["drain_seconds"].default
+        drain = Settings.model_fields["drain_seconds"].default
+        assert grace and int(grace[1] or grace[2]) > drain + SHUTDOWN_SECONDS_AFTER_DRAIN
         assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     balancer = services["balancer"]
     assert any(m.startswith("./haproxy.cfg:") for m in balancer["volumes"])

@@ -17,6 +17,11 @@ from prefixserve.runtime import build_runtime
 log = logging.getLogger(__name__)
 
 
+# After the drain, uvicorn gives open connections this long to close before the process exits; an
+# orchestrator's grace period must cover preStop + drain + this.
+SHUTDOWN_SECONDS_AFTER_DRAIN = 5
+
+
 class StartupError(Exception):
     pass
 
@@ -61,6 +66,10 @@ def run(settings: Settings) -> None:
     runtime = build_runtime(settings)
     app = create_app(runtime, keyring)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=5
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS_AFTER_DRAIN,
     )
     DrainingServer(config, app.state.server).run()
