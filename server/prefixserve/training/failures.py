@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,6 +10,8 @@ from transformers import PretrainedConfig
 
 from prefixserve.training.errors import TrainingError
 from prefixserve.training.options import TrainOptions
+
+log = logging.getLogger(__name__)
 
 
 def explain_error(exc: BaseException, opts: TrainOptions, dtype: torch.dtype) -> BaseException:
@@ -74,6 +77,7 @@ def check_servable(output: Path, config: PretrainedConfig) -> None:
     """The saved directory must be one prefixserve serves on this base model, not only one PEFT loads."""
     from prefixserve.adapters.errors import AdapterError
     from prefixserve.adapters.format import read_adapter_dir, validate_adapter
+    from prefixserve.config import Settings
     from prefixserve.engine.model_loader import kv_shape_of
 
     try:
@@ -81,3 +85,12 @@ def check_servable(output: Path, config: PretrainedConfig) -> None:
         validate_adapter(adapter, kv_shape_of(config), max_virtual_tokens=adapter.num_virtual_tokens)
     except AdapterError as exc:
         raise TrainingError(f"the saved adapter in {output} cannot be served by prefixserve: {exc}") from None
+    server_limit = Settings.model_fields["max_virtual_tokens"].default
+    if adapter.num_virtual_tokens > server_limit:
+        log.warning(
+            "the adapter has %d virtual tokens, above a default server's limit of %d: serve it with "
+            "--max-virtual-tokens %d or more",
+            adapter.num_virtual_tokens,
+            server_limit,
+            adapter.num_virtual_tokens,
+        )

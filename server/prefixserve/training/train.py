@@ -66,6 +66,8 @@ def train_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     dev = resolve_device(opts.device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # the Trainer places the model on the current CUDA device, not on `dev`
     dtype = resolve_dtype(opts.dtype, dev)
     path = str(DEMO_MODEL_DIR) if model == DEMO_MODEL_NAME else model
     output = Path(output)

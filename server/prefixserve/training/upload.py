@@ -44,7 +44,8 @@ def upload_adapter(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     saved = (
         f"the adapter is saved in {adapter_dir}; upload it later with: curl -X PUT {endpoint} "
-        f"-F files=@{adapter_dir / CONFIG_NAME} -F files=@{adapter_dir / WEIGHTS_NAME}"
+        + ('-H "Authorization: Bearer $PREFIXSERVE_API_KEY" ' if api_key else "")
+        + f"-F files=@{adapter_dir / CONFIG_NAME} -F files=@{adapter_dir / WEIGHTS_NAME}"
     )
     try:
         if client is None:
