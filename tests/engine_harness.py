@@ -43,6 +43,7 @@ def make_engine(
     max_batch_size: int = 8,
     max_queue_size: int = 64,
     max_total_tokens: int = 256,
+    max_prefill_tokens: int = 4096,
 ) -> LLMEngine:
     loaded = load_model(str(model_dir), "cpu", "float32", max_total_tokens)
     registry = AdapterRegistry(
@@ -56,7 +57,12 @@ def make_engine(
     )
     for name, path in (adapters or {}).items():
         registry.put(NAMESPACE, name, read_adapter_dir(path))
-    limits = EngineLimits(max_batch_size=max_batch_size, max_queue_size=max_queue_size, max_input_tokens=128)
+    limits = EngineLimits(
+        max_batch_size=max_batch_size,
+        max_queue_size=max_queue_size,
+        max_input_tokens=128,
+        max_prefill_tokens=max_prefill_tokens,
+    )
     return LLMEngine(loaded, registry, limits)
 
 

@@ -172,3 +172,48 @@ def test_replacing_an_adapter_mid_request_keeps_the_running_version(tiny_model_d
     run_until_idle(engine)
     assert running.tokens == peft_generate(base, adapters["rand8"], PROMPTS[0], 12)
     assert after.tokens == peft_generate(base, adapters["rand3"], PROMPTS[0], 12)
+
+
+LONG_PROMPT = "The pirate captain raised the flag, and the crew sang loudly as the ship left the harbor."
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prompts_taken_in_chunks_equal_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
+    """A prefill budget of 3 tokens: every prompt goes in over several steps, in padded chunks."""
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters, max_prefill_tokens=3)
+    sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in MIXED]
+    run_until_idle(engine)
+    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS), name
+
+
+def test_a_long_prompt_goes_in_between_decode_steps(tiny_model_dirs, adapter_dirs, tmp_path):
+    """Running rows keep decoding while a long prompt is taken in chunk by chunk, and nobody's tokens change.
+    Rows still taking in their prompt can sit in non-adjacent cache rows (the gathered path)."""
+    base, adapters = tiny_model_dirs["llama"], adapter_dirs["llama"]
+    engine = make_engine(base, tmp_path / "store", adapters, max_batch_size=4, max_prefill_tokens=6)
+    first = submit(engine, PROMPTS[1], "rand3", max_new_tokens=40)
+    engine.step()
+    long_one = submit(engine, LONG_PROMPT, "rand8", max_new_tokens=8)
+    short = submit(engine, PROMPTS[1], None, max_new_tokens=30)
+    for _ in range(2):  # a decode step for the running row, then a prefill step for both newcomers
+        engine.step()
+    assert (
+        len(short.tokens) == 1 and not long_one.tokens
+    )  # the short prompt fit in its chunk; the long did not
+    second_long = submit(engine, LONG_PROMPT, "proj4", max_new_tokens=8)
+    saw_gap, decoded_meanwhile = False, 0
+    while not long_one.tokens:
+        slots = sorted(s.slot for s in engine.scheduler.running if not s.prefill_done)
+        saw_gap |= any(b - a > 1 for a, b in zip(slots, slots[1:], strict=False))
+        before = len(first.tokens)
+        engine.step()
+        decoded_meanwhile += len(first.tokens) - before
+    assert saw_gap, "the pending rows were always adjacent; the gathered path went untested"
+    assert decoded_meanwhile >= 3
+    run_until_idle(engine)
+    assert first.tokens == peft_generate(base, adapters["rand3"], PROMPTS[1], 40)
+    assert long_one.tokens == peft_generate(base, adapters["rand8"], LONG_PROMPT, 8)
+    assert second_long.tokens == peft_generate(base, adapters["proj4"], LONG_PROMPT, 8)
+    assert short.tokens == peft_generate(base, None, PROMPTS[1], 30)

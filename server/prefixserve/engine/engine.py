@@ -147,25 +147,29 @@ class LLMEngine:
             self._finish(seq, FinishReason.CANCELLED, remove=False)
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, FinishReason.CANCELLED)
-        seqs, is_prefill = self.scheduler.schedule()
+        step = self.scheduler.schedule()
         metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
         metrics.BATCH_SIZE.set(len(self.scheduler.running))
-        if not seqs:
+        if not step.seqs:
             return
+        now = time.monotonic()
+        for seq in step.seqs:
+            if seq.admitted_time is None:
+                seq.admitted_time = now
+                metrics.REQUEST_QUEUE_DURATION.observe(now - seq.arrival_time)
         try:
-            if is_prefill:
-                now = time.monotonic()
-                for seq in seqs:
-                    seq.admitted_time = now
-                    metrics.REQUEST_QUEUE_DURATION.observe(now - seq.arrival_time)
-                    metrics.PROMPT_TOKENS.inc(seq.num_prompt_tokens)
-                logits = self.runner.prefill(seqs)
+            if step.is_prefill:
+                logits = self.runner.prefill(step.seqs, step.chunk_lens)
+                metrics.PROMPT_TOKENS.inc(sum(step.chunk_lens))
             else:
-                logits = self.runner.decode(seqs)
-            tokens, logprobs = sample(logits, seqs)
+                logits = self.runner.decode(step.seqs)
+            # Only rows whose whole prompt is in have a next token (others are mid-prompt, or ride along).
+            ready = [i for i, s in enumerate(step.seqs) if s.prefill_done]
+            seqs = [step.seqs[i] for i in ready]
+            tokens, logprobs = sample(logits[ready], seqs) if seqs else ([], [])
         except Exception as exc:  # keep serving the others; these rows fail with a message
-            log.exception("forward pass failed for %d rows", len(seqs))
-            for seq in seqs:
+            log.exception("forward pass failed for %d rows", len(step.seqs))
+            for seq in step.seqs:
                 self._finish(seq, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
             return
         # Every row takes its token before any row leaves: moving a row into a freed slot copies

@@ -68,20 +68,24 @@ class SlotKVCache:
         for tensor in self.keys + self.values:
             tensor[dst, :, :length].copy_(tensor[src, :, :length])
 
-    def batch(self, rows: slice, write_index: torch.Tensor, read_length: int) -> BatchKV:
+    def batch(self, rows: slice | torch.Tensor, write_index: torch.Tensor, read_length: int) -> BatchKV:
         return BatchKV(self, rows, write_index, read_length)
 
 
 class BatchKV:
     """The cache as one forward pass sees it, duck-typed to transformers' `Cache.update` interface.
 
-    `write_index[i, q]` is where row i's q-th new token is stored; attention then reads positions
-    [0, read_length) of each row, and the caller's 4-D mask hides what a row must not see.
+    `rows` is a slice of cache rows (a view: writes land in the cache) or, for rows that are not adjacent,
+    an index tensor (gathered, updated, and scattered back). `write_index[i, q]` is where row i's q-th new
+    token is stored; attention then reads positions [0, read_length) of each row, and the caller's 4-D mask
+    hides what a row must not see.
     """
 
     is_compileable = False
 
-    def __init__(self, cache: SlotKVCache, rows: slice, write_index: torch.Tensor, read_length: int) -> None:
+    def __init__(
+        self, cache: SlotKVCache, rows: slice | torch.Tensor, write_index: torch.Tensor, read_length: int
+    ) -> None:
         self.cache = cache
         self.rows = rows
         self.read_length = read_length
@@ -97,11 +101,20 @@ class BatchKV:
         *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = self.cache.keys[layer_idx][self.rows]
-        values = self.cache.values[layer_idx][self.rows]
-        keys.scatter_(2, self._index, key_states.to(keys.dtype))
-        values.scatter_(2, self._index, value_states.to(values.dtype))
-        return keys[:, :, : self.read_length], values[:, :, : self.read_length]
+        out = []
+        for store, new in (
+            (self.cache.keys[layer_idx], key_states),
+            (self.cache.values[layer_idx], value_states),
+        ):
+            if isinstance(self.rows, slice):
+                rows = store[self.rows]
+                rows.scatter_(2, self._index, new.to(rows.dtype))
+            else:
+                rows = store.index_select(0, self.rows)
+                rows.scatter_(2, self._index, new.to(rows.dtype))
+                store.index_copy_(0, self.rows, rows)
+            out.append(rows[:, :, : self.read_length])
+        return out[0], out[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.read_length

@@ -1,17 +1,29 @@
 """Iteration-level (continuous) batching: which rows run in the next forward pass.
 
-Waiting requests join as soon as a row is free (a prefill step); finished rows leave at once. Running
-rows stay compact, `running[i]` being the sequence in cache row i, so a leaving row is filled by
-moving the last row into its place.
+Waiting requests join as soon as a row is free; their prompts go in by prefill steps (long ones a chunk at a
+time, alternating with decode steps), and finished rows leave at once. Running rows stay compact,
+`running[i]` being the sequence in cache row i, so a leaving row is filled by moving the last row into its
+place.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
 
 from prefixserve.engine.errors import QueueFullError
 from prefixserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class Step:
+    seqs: list[Sequence]
+    chunk_lens: list[int] | None  # a prefill step: prompt tokens each row takes in; None: a decode step
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.chunk_lens is not None
 
 
 class Scheduler:
@@ -22,6 +34,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()
+        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         with self._lock:
@@ -43,26 +56,28 @@ class Scheduler:
                 self.waiting = deque(s for s in self.waiting if not s.cancelled)
         return cancelled
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The rows of the next step and whether it is a prefill (new rows) or a decode (all running rows)."""
-        joining: list[Sequence] = []
-        width = 0  # the padded batch costs rows x the widest row, not the sum of the rows
+    def schedule(self) -> Step:
+        """The next step: a prefill chunk for the rows still taking in their prompts, or a decode of all rows.
+
+        Waiting requests join as soon as rows are free. When some rows decode while others take in a long
+        prompt, prefill and decode steps alternate, so a long prompt delays running rows by one chunk at a
+        time, not by its whole length."""
         with self._lock:
-            while self.waiting and len(self.running) + len(joining) < self.max_rows:
-                seq = self.waiting[0]
-                new_width = max(width, seq.num_virtual_tokens + seq.num_prompt_tokens)
-                if joining and new_width * (len(joining) + 1) > self.max_prefill_tokens:
-                    break
-                self.waiting.popleft()
-                width = new_width
-                joining.append(seq)
-        if joining:
-            for seq in joining:
+            while self.waiting and len(self.running) < self.max_rows:
+                seq = self.waiting.popleft()
                 seq.slot = len(self.running)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-            return joining, True
-        return list(self.running), False
+        pending = [s for s in self.running if not s.prefill_done]
+        decoding = len(pending) < len(self.running)
+        if pending and not (decoding and self._last_was_prefill):
+            self._last_was_prefill = True
+            pending.sort(key=lambda s: s.arrival_time)
+            pending = pending[: self.max_prefill_tokens]  # at least one token per row
+            width = max(1, self.max_prefill_tokens // len(pending))  # the padded batch: rows x widest chunk
+            return Step(pending, [min(width, s.num_prompt_tokens - s.num_prefilled) for s in pending])
+        self._last_was_prefill = False
+        return Step(list(self.running), None)
 
     def take_all(self) -> list[Sequence]:
         """Empty the scheduler (after a failed step; the cache rows are simply reused)."""

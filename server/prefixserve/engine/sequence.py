@@ -72,6 +72,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
+    num_prefilled: int = 0  # prompt tokens already in the cache (long prompts go in over several steps)
     slot: int = -1
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
@@ -89,9 +90,13 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled == len(self.prompt_ids)
+
+    @property
     def cache_length(self) -> int:
-        """Entries in this row's KV cache: prefix + prompt + all outputs but the last (not yet fed back)."""
-        return self.num_virtual_tokens + self.num_prompt_tokens + max(len(self.output_ids) - 1, 0)
+        """Entries in this row's KV cache: prefix + prompt so far + all outputs but the last (not yet fed back)."""
+        return self.num_virtual_tokens + self.num_prefilled + max(len(self.output_ids) - 1, 0)
 
     @property
     def is_finished(self) -> bool:
