@@ -133,3 +133,14 @@ def test_the_earliest_of_several_stop_sequences_wins(engine):
                 break
         out += text.finish()
         assert out == "hello" and text.stopped, stops
+
+
+def test_rows_leave_after_the_cache_has_grown(tmp_path):
+    """The cache grows during a forward pass; moving a row afterwards (a step called directly) must work."""
+    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", max_total_tokens=1024)
+    prompt = "Once upon a time there was a small robot who loved to read books about the sea."
+    sinks = [submit(engine, prompt, None, max_new_tokens=n) for n in (250, 300, 270)]
+    assert engine.runner.cache.capacity == 256
+    run_until_idle(engine)  # the first row leaves at a length past 256; the last row moves into its slot
+    assert engine.runner.cache.capacity > 256
+    assert [len(s.tokens) for s in sinks] == [250, 300, 270]

@@ -142,6 +142,7 @@ class LLMEngine:
             raise RequestValidationError("stop sequences must not be empty strings")
 
     # ----- the step -----------------------------------------------------------------------------------
+    @torch.inference_mode()  # the cache grows inside forward passes; every write to it must be in this mode too
     def step(self) -> None:
         for seq in self.scheduler.take_cancelled_waiting():
             self._finish(seq, FinishReason.CANCELLED, remove=False)
