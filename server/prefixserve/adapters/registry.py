@@ -109,10 +109,6 @@ class AdapterRegistry:
         with self._lock:
             return (namespace, (adapter_id,)) in self._cache
 
-    def loaded(self) -> list[AdapterKey]:
-        with self._lock:
-            return list(self._cache.keys())
-
     def get(self, namespace: str, adapter_ids: tuple[str, ...]) -> LoadedPrefix:
         """The prefix for `adapter_ids` (one id, or several to concatenate in order)."""
         if len(adapter_ids) == 1:

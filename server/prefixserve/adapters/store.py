@@ -123,9 +123,6 @@ class AdapterStore:
         except FileNotFoundError:
             return None
 
-    def exists(self, namespace: str, adapter_id: str) -> bool:
-        return self.fingerprint(namespace, adapter_id) is not None
-
     def list(self, namespace: str) -> list[AdapterInfo]:
         directory = self.root / validate_adapter_id(namespace, "tenant")
         if not directory.is_dir():
@@ -144,9 +141,6 @@ class AdapterStore:
             except (InvalidAdapterError, InvalidAdapterIdError) as exc:
                 log.warning("skipping unreadable file for adapter %r in %s: %s", adapter_id, directory, exc)
         return infos
-
-    def namespaces(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def delete(self, namespace: str, adapter_id: str) -> None:
         path = self.path(namespace, adapter_id)

@@ -20,6 +20,7 @@ from prefixserve.api.schemas import (
     Token,
 )
 from prefixserve.engine.sequence import SamplingParams, TokenEvent
+from prefixserve.engine.streams import RequestStream
 
 router = APIRouter(tags=["generation (TGI/LoRAX)"])
 
@@ -41,10 +42,13 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
-async def _prompt_ids(state, body: GenerateRequest) -> list[int]:
-    ids = await state.aencode(body.inputs)
-    truncate = body.parameters.truncate
-    return ids[-truncate:] if truncate else ids
+async def _start(body: GenerateRequest, request: Request, x_adapter_id: str | None) -> RequestStream:
+    """Queue the request: the adapter from the body or the `X-Adapter-Id` header, `truncate` applied."""
+    ids = await request.app.state.server.aencode(body.inputs)
+    if body.parameters.truncate:
+        ids = ids[-body.parameters.truncate :]
+    adapter = body.parameters.adapter_id or x_adapter_id
+    return await start(request, ids, adapter, sampling_params(body.parameters))
 
 
 def _token(event: TokenEvent) -> Token:
@@ -56,12 +60,9 @@ async def generate(
     body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)
 ) -> GenerateResponse:
     """Generate text for `inputs`, with the adapter named in `parameters.adapter_id` or the `X-Adapter-Id` header."""
-    state = request.app.state.server
     if body.stream:
         raise APIError(422, "stream=true: use POST /generate_stream for a streamed response", "validation")
-    params = sampling_params(body.parameters)
-    adapter = body.parameters.adapter_id or x_adapter_id
-    stream = await start(request, await _prompt_ids(state, body), adapter, params)
+    stream = await _start(body, request, x_adapter_id)
     out = await collect(stream, request)
     seq = stream.seq
     text = body.inputs + out.text if body.parameters.return_full_text else out.text
@@ -86,7 +87,7 @@ async def generate_compat(body: GenerateRequest, request: Request, x_adapter_id:
     """What TGI serves at its root and `huggingface_hub`'s `InferenceClient` posts to."""
     if body.stream:
         return await generate_stream(body, request, x_adapter_id)
-    return await generate(body.model_copy(update={"stream": False}), request, x_adapter_id)
+    return await generate(body, request, x_adapter_id)
 
 
 @router.post("/generate_stream")
@@ -94,10 +95,7 @@ async def generate_stream(
     body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)
 ) -> StreamingResponse:
     """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
-    state = request.app.state.server
-    params = sampling_params(body.parameters)
-    adapter = body.parameters.adapter_id or x_adapter_id
-    stream = await start(request, await _prompt_ids(state, body), adapter, params)
+    stream = await _start(body, request, x_adapter_id)
     prefix = body.inputs if body.parameters.return_full_text else ""
 
     async def sse() -> AsyncIterator[str]:
