@@ -10,7 +10,7 @@ from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store import AdapterStore
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import load_model
-from prefixserve.engine.sequence import SamplingParams, TokenEvent
+from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
 
 NAMESPACE = "default"
 
@@ -18,6 +18,7 @@ NAMESPACE = "default"
 @dataclass
 class Collector:
     events: list[TokenEvent] = field(default_factory=list)
+    seq: Sequence | None = None
 
     def __call__(self, event: TokenEvent) -> None:
         self.events.append(event)
@@ -44,6 +45,8 @@ def make_engine(
     max_queue_size: int = 64,
     max_total_tokens: int = 256,
     max_prefill_tokens: int = 4096,
+    kv_cache_mb: float = 64.0,
+    block_size: int = 16,
 ) -> LLMEngine:
     loaded = load_model(str(model_dir), "cpu", "float32", max_total_tokens)
     registry = AdapterRegistry(
@@ -62,6 +65,8 @@ def make_engine(
         max_queue_size=max_queue_size,
         max_input_tokens=128,
         max_prefill_tokens=max_prefill_tokens,
+        kv_cache_mb=kv_cache_mb,
+        block_size=block_size,
     )
     return LLMEngine(loaded, registry, limits)
 
@@ -70,7 +75,7 @@ def submit(engine: LLMEngine, prompt: str, adapter: str | None, **params) -> Col
     sink = Collector()
     ids = engine.loaded.tokenizer.encode(prompt)
     ref = (NAMESPACE, tuple(adapter.split("+"))) if adapter else None
-    engine.submit(ids, ref, SamplingParams(**params), sink)
+    sink.seq = engine.submit(ids, ref, SamplingParams(**params), sink)
     return sink
 
 

@@ -38,7 +38,7 @@ def test_length_and_eos(engine):
     sink = submit(engine, PROMPT, None, max_new_tokens=5)
     run_until_idle(engine)
     assert sink.finish_reason is FinishReason.LENGTH and len(sink.tokens) == 5
-    engine.loaded.eos_token_ids = frozenset({sink.tokens[2]})
+    engine.scheduler.eos_token_ids = frozenset({sink.tokens[2]})
     eos = submit(engine, PROMPT, None, max_new_tokens=5)
     run_until_idle(engine)
     assert (
@@ -135,12 +135,8 @@ def test_the_earliest_of_several_stop_sequences_wins(engine):
         assert out == "hello" and text.stopped, stops
 
 
-def test_rows_leave_after_the_cache_has_grown(tmp_path):
-    """The cache grows during a forward pass; moving a row afterwards (a step called directly) must work."""
-    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", max_total_tokens=1024)
-    prompt = "Once upon a time there was a small robot who loved to read books about the sea."
-    sinks = [submit(engine, prompt, None, max_new_tokens=n) for n in (250, 300, 270)]
-    assert engine.runner.cache.capacity == 256
-    run_until_idle(engine)  # the first row leaves at a length past 256; the last row moves into its slot
-    assert engine.runner.cache.capacity > 256
-    assert [len(s.tokens) for s in sinks] == [250, 300, 270]
+def test_a_request_larger_than_the_whole_pool_is_refused(tmp_path):
+    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", kv_cache_mb=0.125, block_size=4)
+    blocks = engine.pool.num_blocks
+    with pytest.raises(RequestValidationError, match="more than the whole KV cache holds"):
+        submit(engine, "hello", None, max_new_tokens=blocks * 4)

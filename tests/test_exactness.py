@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prefixserve.adapters.format import read_adapter_dir
+from prefixserve.engine.self_check import run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from tests.conftest import ARCHS
 from tests.engine_harness import NAMESPACE, make_engine, run_until_idle, submit
@@ -47,12 +48,10 @@ def test_mixed_batch_prefill_logits_match_peft(arch, tiny_model_dirs, adapter_di
     engine = make_engine(base, tmp_path / "store", adapters)
     tok = engine.loaded.tokenizer
     seqs = []
-    for slot, (name, prompt) in enumerate(MIXED):
+    for name, prompt in MIXED:
         prefix = engine.registry.get(NAMESPACE, (name,)) if name else None
-        seq = Sequence(tok.encode(prompt), SamplingParams(), prefix, lambda e: None)
-        seq.slot = slot
-        seqs.append(seq)
-    logits = engine.runner.prefill(seqs)
+        seqs.append(Sequence(tok.encode(prompt), SamplingParams(), prefix, lambda e: None))
+    logits = run_rows(engine.runner, engine.scheduler.blocks, [(s, len(s.prompt_ids)) for s in seqs])
     for (name, prompt), row in zip(MIXED, logits, strict=True):
         expected = peft_last_logits(base, adapters[name] if name else None, prompt)
         assert torch.allclose(row, expected, atol=1e-4, rtol=0), (
@@ -68,8 +67,8 @@ def test_row_joining_a_running_batch_gets_the_same_tokens(tiny_model_dirs, adapt
         engine.step()
     assert len(long_running.tokens) == 5
     joiner = submit(engine, PROMPTS[0], "rand3", max_new_tokens=10)
-    engine.step()  # the joiner's prefill runs while the long request waits one step
-    assert len(joiner.tokens) == 1 and len(long_running.tokens) == 5
+    engine.step()  # the joiner's prompt goes in within the same forward pass as the running row's token
+    assert len(joiner.tokens) == 1 and len(long_running.tokens) == 6
     run_until_idle(engine)
     assert joiner.tokens == peft_generate(base, adapters["rand3"], PROMPTS[0], 10)
     assert long_running.tokens == peft_generate(base, adapters["rand8"], PROMPTS[2], 30)
@@ -188,32 +187,42 @@ def test_prompts_taken_in_chunks_equal_peft(arch, tiny_model_dirs, adapter_dirs,
         assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS), name
 
 
-def test_a_long_prompt_goes_in_between_decode_steps(tiny_model_dirs, adapter_dirs, tmp_path):
-    """Running rows keep decoding while a long prompt is taken in chunk by chunk, and nobody's tokens change.
-    Rows still taking in their prompt can sit in non-adjacent cache rows (the gathered path)."""
+def test_a_long_prompt_goes_in_while_rows_decode(tiny_model_dirs, adapter_dirs, tmp_path):
+    """A running row takes a token at every step while long prompts go in chunk by chunk beside it, in the
+    same forward passes, and nobody's tokens change."""
     base, adapters = tiny_model_dirs["llama"], adapter_dirs["llama"]
     engine = make_engine(base, tmp_path / "store", adapters, max_batch_size=4, max_prefill_tokens=6)
     first = submit(engine, PROMPTS[1], "rand3", max_new_tokens=40)
     engine.step()
     long_one = submit(engine, LONG_PROMPT, "rand8", max_new_tokens=8)
     short = submit(engine, PROMPTS[1], None, max_new_tokens=30)
-    for _ in range(2):  # a decode step for the running row, then a prefill step for both newcomers
-        engine.step()
-    assert (
-        len(short.tokens) == 1 and not long_one.tokens
-    )  # the short prompt fit in its chunk; the long did not
     second_long = submit(engine, LONG_PROMPT, "proj4", max_new_tokens=8)
-    saw_gap, decoded_meanwhile = False, 0
+    steps = 0
     while not long_one.tokens:
-        slots = sorted(s.slot for s in engine.scheduler.running if not s.prefill_done)
-        saw_gap |= any(b - a > 1 for a, b in zip(slots, slots[1:], strict=False))
         before = len(first.tokens)
         engine.step()
-        decoded_meanwhile += len(first.tokens) - before
-    assert saw_gap, "the pending rows were always adjacent; the gathered path went untested"
-    assert decoded_meanwhile >= 3
+        steps += 1
+        assert len(first.tokens) == before + 1, "the decoding row stalled behind a prompt"
+    assert steps >= 3, "the long prompt should have taken several chunks"
     run_until_idle(engine)
     assert first.tokens == peft_generate(base, adapters["rand3"], PROMPTS[1], 40)
     assert long_one.tokens == peft_generate(base, adapters["rand8"], LONG_PROMPT, 8)
     assert second_long.tokens == peft_generate(base, adapters["proj4"], LONG_PROMPT, 8)
     assert short.tokens == peft_generate(base, None, PROMPTS[1], 30)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_rows_preempted_from_a_full_pool_are_recomputed_and_equal_peft(
+    arch, tiny_model_dirs, adapter_dirs, tmp_path
+):
+    """A pool too small for every row at once: the newest rows are pushed out and recomputed later, and
+    every request still gets PEFT's tokens."""
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    probe = make_engine(base, tmp_path / "probe", adapters)
+    block_mb = probe.pool.nbytes / probe.pool.num_blocks / 2**20
+    engine = make_engine(base, tmp_path / "store", adapters, kv_cache_mb=14 * block_mb, block_size=4)
+    sinks = [submit(engine, prompt, name, max_new_tokens=24) for name, prompt in MIXED]
+    run_until_idle(engine)
+    assert sum(s.seq.num_preemptions for s in sinks) > 0, "the pool never filled up"
+    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, 24), name

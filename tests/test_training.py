@@ -17,7 +17,11 @@ from typer.testing import CliRunner
 from prefixserve.adapters.format import KVShape, embeddings_to_kv, read_adapter_dir, validate_adapter
 from prefixserve.adapters.registry import LoadedPrefix
 from prefixserve.demo import DEMO_MODEL_DIR
+from prefixserve.engine.block_manager import BlockManager
+from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.paged_attention import ATTN_IMPLEMENTATION, register
+from prefixserve.engine.self_check import run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from prefixserve.training import TrainingError, train_adapter, upload_adapter
 from prefixserve.training.data import IGNORE_INDEX, PadCollator, load_rows, split_examples, tokenize_rows
@@ -97,18 +101,18 @@ def test_saved_adapter_is_peft_format_and_prefixserve_serves_it_like_peft(traine
     validate_adapter(adapter, shape, 64)
     prefix = LoadedPrefix("t", ("a",), ("",), embeddings_to_kv(adapter.embeddings, shape))
     cases = [(prefix, "The cat sat"), (None, "The cat sat"), (prefix, "Mountains rise"), (prefix, "Hi")]
-    runner = ModelRunner(base_model(), shape, len(cases), 256, torch.float32, torch.device("cpu"))
-    seqs = []
-    for slot, (pre, prompt) in enumerate(cases):
-        seq = Sequence(tok(prompt).input_ids, SamplingParams(), pre, lambda e: None)
-        seq.slot = slot
-        seqs.append(seq)
+    model = base_model()
+    register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    runner = ModelRunner(model, KVPool(shape, 64, 16, torch.float32, torch.device("cpu")))
+    blocks = BlockManager(64, 16)
+    seqs = [Sequence(tok(prompt).input_ids, SamplingParams(), pre, lambda e: None) for pre, prompt in cases]
     n = 12
-    for seq, logits in zip(seqs, runner.prefill(seqs), strict=True):
-        seq.output_ids.append(int(logits.argmax()))
-    for _ in range(n - 1):
-        for seq, logits in zip(seqs, runner.decode(seqs), strict=True):
-            seq.output_ids.append(int(logits.argmax()))
+    steps = [(s, len(s.prompt_ids)) for s in seqs]
+    for _ in range(n):
+        for seq, logits in zip(seqs, run_rows(runner, blocks, steps), strict=True):
+            seq.append_output(int(logits.argmax()))
+        steps = [(s, 1) for s in seqs]
     peft_model = PeftModel.from_pretrained(base_model(), adapter_dir).eval()
     for (pre, prompt), seq in zip(cases, seqs, strict=True):
         ours = seq.output_ids  # the runner does not stop at EOS; generate does

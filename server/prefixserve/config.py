@@ -28,14 +28,25 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = bfloat16 on cuda (float16 where bf16 is unsupported), float32 on cpu."
+        "auto",
+        description="auto = bfloat16 on cuda (float16 where bf16 is unsupported) and on CPUs with native bf16 "
+        "(avx512_bf16 or AMX), else float32.",
     )
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's choice)."
     )
 
     # Limits
-    max_batch_size: int = Field(16, ge=1, description="Most rows decoded together in one forward pass.")
+    max_batch_size: int = Field(
+        128, ge=1, description="Most rows in one forward pass (the KV pool may admit fewer)."
+    )
+    kv_cache_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Size of the KV block pool that all rows and active adapter prefixes share, in MB. "
+        "Default: 1024 on cpu; on cuda, 90% of the memory free after loading the model, less --adapter-cache-mb.",
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
     max_queue_size: int = Field(
         256, ge=0, description="Most requests waiting beyond the free batch rows; more get 429."
     )
@@ -50,7 +61,7 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         4096,
         ge=1,
-        description="Token budget of one prefill step (prefix + prompt tokens of the rows joining).",
+        description="Token budget of one step: a token per decoding row, then prompt chunks of rows joining.",
     )
 
     # Adapters

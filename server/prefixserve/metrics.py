@@ -54,6 +54,10 @@ PROMPT_TOKENS = Counter("prefixserve_prompt_tokens", "Prompt tokens processed")
 GENERATED_TOKENS = Counter("prefixserve_generated_tokens", "Tokens generated")
 BATCH_SIZE = Gauge("prefixserve_batch_current_size", "Rows in the running batch")
 QUEUE_SIZE = Gauge("prefixserve_queue_size", "Requests waiting for a batch row")
+KV_CACHE_USAGE = Gauge("prefixserve_kv_cache_usage_ratio", "Fraction of the KV block pool in use (0-1)")
+PREEMPTIONS = Counter(
+    "prefixserve_preemptions", "Rows pushed out of a full KV pool, to be recomputed when blocks free up"
+)
 
 
 class AdapterInfoCollector:

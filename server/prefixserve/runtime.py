@@ -26,6 +26,18 @@ class Runtime:
     engine: LLMEngine
 
 
+CPU_KV_CACHE_MB = 1024.0
+
+
+def default_kv_cache_mb(device: torch.device, adapter_cache_mb: float) -> float:
+    """On a GPU the pool takes what the model left (after the adapter cache, with headroom for activations);
+    on a CPU, where memory is shared with everything else, a fixed gigabyte."""
+    if device.type != "cuda":
+        return CPU_KV_CACHE_MB
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(64.0, 0.9 * free / 2**20 - adapter_cache_mb)
+
+
 def build_runtime(settings: Settings) -> Runtime:
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
@@ -49,5 +61,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_new_tokens=settings.max_new_tokens,
         default_max_new_tokens=settings.default_max_new_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
+        kv_cache_mb=settings.kv_cache_mb or default_kv_cache_mb(loaded.device, settings.adapter_cache_mb),
+        block_size=settings.block_size,
     )
     return Runtime(settings, loaded, store, registry, LLMEngine(loaded, registry, limits))

@@ -1,4 +1,4 @@
-"""The engine: admits requests, runs one step at a time (schedule → forward → sample → emit) on its own thread.
+"""The engine: admits requests, runs one step at a time (schedule → run → sample → postprocess) on its own thread.
 
 Callers hand in token ids, an adapter and sampling parameters, plus a sink that receives a `TokenEvent`
 per generated token; the sink is called on the engine thread and must only hand the event over.
@@ -16,20 +16,15 @@ import torch
 
 from prefixserve import metrics
 from prefixserve.adapters.registry import AdapterRegistry
+from prefixserve.engine.block_manager import BlockManager, blocks_for
 from prefixserve.engine.detokenizer import OutputText
 from prefixserve.engine.errors import EngineStoppedError, RequestValidationError
+from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_loader import LoadedModel
 from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.sampling import make_generator, sample
-from prefixserve.engine.scheduler import Scheduler
-from prefixserve.engine.sequence import (
-    FinishReason,
-    OutputSink,
-    SamplingParams,
-    Sequence,
-    SequenceStatus,
-    TokenEvent,
-)
+from prefixserve.engine.scheduler import Scheduler, TokenUpdate
+from prefixserve.engine.sequence import FinishReason, OutputSink, SamplingParams, Sequence, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +33,15 @@ AdapterRef = tuple[str, tuple[str, ...]]  # (namespace, adapter ids to concatena
 
 @dataclass(frozen=True)
 class EngineLimits:
-    max_batch_size: int = 16
+    max_batch_size: int = 128
     max_queue_size: int = 256
     max_input_tokens: int = 1024
     max_new_tokens: int = 1024
     default_max_new_tokens: int = 64
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 4096  # tokens of one step: decoding rows, prompt chunks, joining prompts
     max_stop_sequences: int = 4
+    kv_cache_mb: float = 1024.0
+    block_size: int = 16
 
 
 class LLMEngine:
@@ -53,17 +50,18 @@ class LLMEngine:
         self.registry = registry
         self.limits = limits
         self.max_length = loaded.max_length
-        pad = loaded.tokenizer.pad_token_id
-        self.runner = ModelRunner(
-            loaded.model,
-            loaded.kv_shape,
-            limits.max_batch_size,
-            loaded.max_length,
-            loaded.dtype,
-            loaded.device,
-            pad_token_id=pad if pad is not None else 0,
+        self.pool = KVPool.sized(
+            loaded.kv_shape, limits.kv_cache_mb, limits.block_size, loaded.dtype, loaded.device
         )
-        self.scheduler = Scheduler(limits.max_batch_size, limits.max_queue_size, limits.max_prefill_tokens)
+        self.runner = ModelRunner(loaded.model, self.pool)
+        self.scheduler = Scheduler(
+            BlockManager(self.pool.num_blocks, self.pool.block_size),
+            limits.max_batch_size,
+            limits.max_queue_size,
+            limits.max_prefill_tokens,
+            loaded.eos_token_ids,
+            loaded.max_length,
+        )
         self._special_ids = frozenset(loaded.tokenizer.all_special_ids)
         self._vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self._wakeup = threading.Condition()
@@ -126,6 +124,15 @@ class LLMEngine:
                 f"({p.max_new_tokens}) = {total}, above max_total_tokens {self.max_length}: "
                 "shorten the prompt or lower max_new_tokens"
             )
+        blocks = blocks_for(num_virtual, self.pool.block_size) + blocks_for(
+            len(prompt_ids) + p.max_new_tokens, self.pool.block_size
+        )
+        if blocks > self.pool.num_blocks:
+            raise RequestValidationError(
+                f"this request needs {blocks} KV blocks ({num_virtual} virtual + {len(prompt_ids)} prompt + "
+                f"{p.max_new_tokens} new tokens), more than the whole KV cache holds ({self.pool.num_blocks}); "
+                "shorten it, or start the server with a larger --kv-cache-mb"
+            )
         if p.do_sample and not p.temperature > 0:
             raise RequestValidationError(f"temperature must be > 0 when sampling, got {p.temperature}")
         if p.top_k is not None and p.top_k < 1:
@@ -142,83 +149,54 @@ class LLMEngine:
             raise RequestValidationError("stop sequences must not be empty strings")
 
     # ----- the step -----------------------------------------------------------------------------------
-    @torch.inference_mode()  # the cache grows inside forward passes; every write to it must be in this mode too
+    @torch.inference_mode()  # the pool is written inside forward passes; every write must be in this mode
     def step(self) -> None:
-        for seq in self.scheduler.take_cancelled_waiting():
-            self._finish(seq, FinishReason.CANCELLED, remove=False)
-        for seq in [s for s in self.scheduler.running if s.cancelled]:
-            self._finish(seq, FinishReason.CANCELLED)
-        step = self.scheduler.schedule()
+        for seq in self.scheduler.take_cancelled():
+            self._report_finish(seq)
+        out = self.scheduler.schedule()
         metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
         metrics.BATCH_SIZE.set(len(self.scheduler.running))
-        if not step.seqs:
+        metrics.KV_CACHE_USAGE.set(self.scheduler.blocks.num_used / self.scheduler.blocks.num_blocks)
+        if out.preempted:
+            metrics.PREEMPTIONS.inc(len(out.preempted))
+        if not out.rows:
             return
         now = time.monotonic()
-        for seq in step.seqs:
-            if seq.admitted_time is None:
-                seq.admitted_time = now
-                metrics.REQUEST_QUEUE_DURATION.observe(now - seq.arrival_time)
+        for row in out.rows:
+            if row.seq.admitted_time is None:
+                row.seq.admitted_time = now
+                metrics.REQUEST_QUEUE_DURATION.observe(now - row.seq.arrival_time)
         try:
-            if step.is_prefill:
-                logits = self.runner.prefill(step.seqs, step.chunk_lens)
-                metrics.PROMPT_TOKENS.inc(sum(step.chunk_lens))
-            else:
-                logits = self.runner.decode(step.seqs)
-            # Only rows whose whole prompt is in have a next token (others are mid-prompt, or ride along).
-            ready = [i for i, s in enumerate(step.seqs) if s.prefill_done]
-            seqs = [step.seqs[i] for i in ready]
-            tokens, logprobs = sample(logits[ready], seqs) if seqs else ([], [])
+            logits = self.runner.run(out)
+            tokens, logprobs = sample(logits, out.sampling)
         except Exception as exc:  # keep serving the others; these rows fail with a message
-            log.exception("forward pass failed for %d rows", len(step.seqs))
-            for seq in step.seqs:
-                self._finish(seq, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
+            log.exception("forward pass failed for %d rows", len(out.rows))
+            for row in out.rows:
+                self.scheduler.finish(row.seq, FinishReason.ERROR)
+                self._report_finish(row.seq, error=f"generation failed: {type(exc).__name__}")
             return
-        # Every row takes its token before any row leaves: moving a row into a freed slot copies
-        # `cache_length` entries, which is only right once that row has counted this step's token.
-        finished = [
-            (seq, reason)
-            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True)
-            if (reason := self._append(seq, token, logprob)) is not None
-        ]
-        for seq, reason in finished:
-            self._finish(seq, reason, emit=False)
+        metrics.PROMPT_TOKENS.inc(sum(r.num_tokens for r in out.rows if not r.seq.prefill_done))
+        for update, logprob in zip(self.scheduler.postprocess(out, tokens), logprobs, strict=True):
+            self._report_token(update, logprob)
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> FinishReason | None:
-        seq.output_ids.append(token)
+    def _report_token(self, update: TokenUpdate, logprob: float) -> None:
+        seq, token = update.seq, update.token
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
             metrics.TIME_TO_FIRST_TOKEN.observe(seq.first_token_time - seq.arrival_time)
-        assert seq.text is not None
-        delta = seq.text.add(token)
-        reason = None
-        if token in self.loaded.eos_token_ids and not seq.params.ignore_eos:
-            reason = FinishReason.EOS
-        elif seq.text.stopped:
-            reason = FinishReason.STOP_SEQUENCE
-        elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.cache_length >= self.max_length:
-            reason = FinishReason.LENGTH
-        if reason is not None:
-            delta += seq.text.finish()
         token_text = self.loaded.tokenizer.decode([token], skip_special_tokens=False)
-        self._emit(seq, TokenEvent(token, token_text, logprob, token in self._special_ids, delta, reason))
-        return reason
+        event = TokenEvent(
+            token, token_text, logprob, token in self._special_ids, update.text_delta, update.finish_reason
+        )
+        self._emit(seq, event)
+        if update.finish_reason is not None:
+            self._report_finish(seq, emit=False)
 
-    def _finish(
-        self,
-        seq: Sequence,
-        reason: FinishReason,
-        error: str | None = None,
-        remove: bool = True,
-        emit: bool = True,
-    ) -> None:
-        if remove and seq.status is SequenceStatus.RUNNING:
-            moved = self.scheduler.remove(seq)
-            if moved is not None:
-                other, src, dst = moved
-                self.runner.move_row(src, dst, other.cache_length)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        seq.prefix = None  # the row holds its own copy; let the registry's memory go
+    def _report_finish(self, seq: Sequence, error: str | None = None, emit: bool = True) -> None:
+        """Metrics and the last event of a sequence the scheduler has finished."""
+        reason = seq.finish_reason
+        assert reason is not None
+        seq.prefix = None  # the pool holds what running rows need; let the registry's memory go
         if emit:
             self._emit(seq, TokenEvent(-1, "", 0.0, False, "", reason, error))
         now = time.monotonic()
@@ -260,7 +238,8 @@ class LLMEngine:
         with self._wakeup:
             seqs = self.scheduler.take_all()
         for seq in seqs:
-            self._finish(seq, FinishReason.ERROR, error=error, remove=False)
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            self._report_finish(seq, error=error)
 
     def stop_accepting(self) -> None:
         self._stopping = True

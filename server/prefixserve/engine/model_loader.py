@@ -14,6 +14,8 @@ from transformers.utils import logging as hf_logging
 from prefixserve.adapters.format import KVShape
 from prefixserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 from prefixserve.engine.errors import UnsupportedModelError
+from prefixserve.engine.packed_linear import pack_linears, packing_available
+from prefixserve.engine.paged_attention import ATTN_IMPLEMENTATION, register
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +43,19 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 GEMMs run at several times fp32's speed (as vLLM's CPU backend assumes)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return bool(amx() or bf16())
+
+
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting != "auto":
         return _DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def resolve_model_path(model: str) -> str:
@@ -100,11 +109,23 @@ def load_model(model: str, device: str, dtype: str, max_total_tokens: int) -> Lo
     config = AutoConfig.from_pretrained(path)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_length = check_servable(text_config, max_total_tokens)
-    try:
+    register()
+    try:  # loading with SDPA first checks that the architecture supports it: the paged path falls back to it
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
-    except ValueError:  # architectures without SDPA support
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager")
+    except ValueError as exc:
+        raise UnsupportedModelError(
+            f"{config.model_type} has no SDPA attention in transformers, which prefixserve's paged attention "
+            f"builds on: {exc}"
+        ) from exc
+    hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if hf_model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise UnsupportedModelError(
+            f"{config.model_type} does not route attention through transformers' AttentionInterface, "
+            "so its keys/values cannot be kept in prefixserve's paged KV cache"
+        )
     hf_model.requires_grad_(False).eval().to(dev)
+    if packing_available(dev):
+        log.info("oneDNN prepacked weights for %d linear layers", pack_linears(hf_model))
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = set()
     for source in (getattr(hf_model, "generation_config", None), tokenizer):

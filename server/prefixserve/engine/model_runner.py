@@ -1,9 +1,10 @@
-"""Runs the frozen base model over a batch of rows, each with its own adapter prefix.
+"""Runs the frozen base model over one scheduled step: every row's new tokens in one flat forward pass.
 
-Two small steps in the gpt-fast style: `prefill` (prompt tokens of rows joining the batch, a chunk at a time
-for long prompts: prefix copied into the row first, chunks right-padded into one forward) and `decode` (one
-token for every running row).
-Both return next-token logits, one row per sequence, in float32.
+Rows are concatenated without padding ([1, N] tokens; a decoding row adds one, a prompt chunk several), each
+token with its own position (PEFT's rule: a row's first prompt token sits at position T, after its adapter's
+T virtual tokens) and its own slot in the KV pool. Attention (paged_attention.py) reads each row's adapter
+prefix from blocks shared by all rows on that adapter, then the row's own tokens. The LM head runs only for
+the rows that sample a token this step.
 """
 
 from __future__ import annotations
@@ -11,101 +12,73 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from prefixserve.adapters.format import KVShape
-from prefixserve.engine.kv_cache import SlotKVCache
-from prefixserve.engine.sequence import Sequence
+from prefixserve.engine.kv_cache import KVPool
+from prefixserve.engine.paged_attention import BATCH_KWARG, AttentionBatch, PrefillRow
+from prefixserve.engine.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        shape: KVShape,
-        max_rows: int,
-        max_length: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        pad_token_id: int = 0,
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, pool: KVPool) -> None:
         self.model = model
-        self.device = device
-        self.max_length = max_length
-        self.pad_token_id = pad_token_id
-        # On a GPU the whole cache is allocated up front: running out of memory at start-up beats failing
-        # every running row the first time a long request makes the cache grow.
-        initial = max_length if device.type == "cuda" else 256
-        self.cache = SlotKVCache(shape, max_rows, max_length, dtype, device, initial_length=initial)
-        self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
-        self._mask_dtype = dtype
+        self.pool = pool
+        self.device = pool.device
+        # A ready 4-D mask makes transformers skip building one; paged attention does not read it.
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence], chunk_lens: list[int] | None = None) -> torch.Tensor:
-        """Put the next `chunk_lens[i]` prompt tokens of each row into its cache (all that remain when None),
-        advance `num_prefilled`, and return each row's logits after its last token of this chunk."""
-        chunks = chunk_lens or [s.num_prompt_tokens - s.num_prefilled for s in seqs]
-        starts = torch.tensor([s.num_virtual_tokens + s.num_prefilled for s in seqs])  # first cache index
-        lens = torch.tensor(chunks)
-        width = int(lens.max())
-        self.cache.ensure_capacity(min(self.max_length, int(starts.max()) + width))
-        capacity = self.cache.capacity
-        for seq in seqs:
-            if seq.prefix is not None and seq.num_prefilled == 0:
-                self.cache.write_prefix(seq.slot, seq.prefix.kv)
-
-        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        for i, (seq, n) in enumerate(zip(seqs, chunks, strict=True)):
-            input_ids[i, :n] = torch.tensor(seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + n])
-        # A token's cache index is its position. Padding queries (past a row's chunk) write beyond what the row
-        # has, where its next chunk or token overwrites them.
-        index = starts[:, None] + torch.arange(width)[None, :]
-        write_index = index.clamp(max=capacity - 1)
-        read_length = min(capacity, int(index.max()) + 1)
-        visible = torch.arange(read_length)[None, None, :] <= index[:, :, None]
-        slots = [s.slot for s in seqs]
-        adjacent = slots == list(range(slots[0], slots[0] + len(slots)))
-        rows = slice(slots[0], slots[0] + len(slots)) if adjacent else torch.tensor(slots, device=self.device)
-        batch_kv = self.cache.batch(rows, write_index.to(self.device), read_length)
+    def run(self, step: SchedulerOutput) -> torch.Tensor:
+        """Forward the step's tokens; return float32 logits [rows that sample, vocab], in `step.sampling` order."""
+        for slots, prefix in step.prefix_fills:
+            self.pool.write_prefix(slots, prefix.kv)
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decode_queries: list[int] = []
+        decode_slots: list[int] = []
+        decode_rows: list[int] = []
+        prefill: list[PrefillRow] = []
+        logits_at: list[int] = []
+        for row in step.rows:
+            seq, n = row.seq, row.num_tokens
+            done, start = seq.num_computed, len(ids)
+            first_position = seq.num_virtual_tokens + done
+            ids += seq.token_ids[done : done + n]
+            positions += range(first_position, first_position + n)
+            slot_mapping += seq.blocks.slots[done : done + n]
+            context = seq.blocks.prefix_slots + seq.blocks.slots[: done + n]
+            if n == 1:
+                decode_rows += [len(decode_queries)] * len(context)
+                decode_queries.append(start)
+                decode_slots += context
+            else:
+                prefill.append(self._prefill_row(start, n, context))
+            if row.samples:
+                logits_at.append(start + n - 1)
+        tensor = self._tensor
+        batch = AttentionBatch(
+            pool=self.pool,
+            slot_mapping=tensor(slot_mapping),
+            decode_queries=tensor(decode_queries),
+            decode_slots=tensor(decode_slots),
+            decode_rows=tensor(decode_rows),
+            prefill=prefill,
+        )
         logits = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=self._mask(visible),
-            position_ids=index.clamp(max=self.max_length - 1).to(self.device),
-            past_key_values=batch_kv,
-            use_cache=True,
-            logits_to_keep=(lens - 1).view(-1, 1).to(self.device),
+            input_ids=tensor(ids)[None],
+            position_ids=tensor(positions)[None],
+            attention_mask=self._no_mask,
+            use_cache=False,
+            logits_to_keep=tensor(logits_at),
+            **{BATCH_KWARG: batch},
         ).logits
-        for seq, n in zip(seqs, chunks, strict=True):
-            seq.num_prefilled += n
-        return logits[:, -1, :].float()
+        return logits[0].float()
 
-    @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed back the last token of every running row (rows 0..n-1, in order) and return next-token logits.
+    def _prefill_row(self, start: int, n: int, context: list[int]) -> PrefillRow:
+        """Query i of the chunk sits at context index len(context) - n + i and sees keys up to it."""
+        length = len(context)
+        keys = torch.arange(length, device=self.device)
+        queries = torch.arange(length - n, length, device=self.device)
+        return PrefillRow(start, n, self._tensor(context), keys[None, :] <= queries[:, None])
 
-        Rows still taking in a long prompt ride along with a padding token at their next free position (which
-        their next chunk overwrites); their logits mean nothing."""
-        n = len(seqs)
-        positions = torch.tensor([s.cache_length for s in seqs])
-        read_length = int(positions.max()) + 1
-        self.cache.ensure_capacity(read_length)
-        input_ids = torch.tensor([[s.output_ids[-1] if s.prefill_done else self.pad_token_id] for s in seqs])
-        visible = torch.arange(read_length)[None, None, :] <= positions[:, None, None]
-        batch_kv = self.cache.batch(slice(0, n), positions.view(n, 1).to(self.device), read_length)
-        logits = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=self._mask(visible),
-            position_ids=positions.view(n, 1).to(self.device),
-            past_key_values=batch_kv,
-            use_cache=True,
-        ).logits
-        return logits[:, -1, :].float()
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        self.cache.move_row(src, dst, length)
-
-    def _mask(self, visible: torch.Tensor) -> torch.Tensor:
-        """[rows, queries, keys] visibility → the 4-D mask the attention implementation expects."""
-        mask = visible[:, None].to(self.device)
-        if self._bool_mask:
-            return mask
-        zero = torch.zeros((), dtype=self._mask_dtype, device=self.device)
-        return torch.where(mask, zero, torch.finfo(self._mask_dtype).min)
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,8 +1,10 @@
-"""A start-up check that the served model really reads prefixes through our cache as PEFT's path does.
+"""A start-up check that the served model really reads prefixes through our paged cache as PEFT's path does.
 
-One prefill of a random prefix + short prompt through the engine's runner is compared with the same input
-through transformers' own `DynamicCache` with PEFT's mask and positions. A model whose attention does not
-follow transformers' cache interface fails here and is refused before it serves anything wrong.
+Rows with random prefixes of different lengths (and one without an adapter) go through the engine's runner:
+two prompts in one prefill step, then a step where those two decode while the third joins with its prompt.
+Each row's logits are compared with transformers' own path (`DynamicCache` holding the prefix, PEFT's
+positions). A model whose attention does not follow transformers' interface fails here and is refused
+before it serves anything wrong.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ import torch
 from transformers import DynamicCache
 
 from prefixserve.adapters.registry import LoadedPrefix
+from prefixserve.engine.block_manager import BlockManager
 from prefixserve.engine.errors import UnsupportedModelError
+from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_loader import LoadedModel
 from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.scheduler import ScheduledRow, SchedulerOutput
 from prefixserve.engine.sequence import SamplingParams, Sequence
 
-# Two rows with different prefix lengths and prompt lengths (so one is padded), then one decode step:
-# every path the engine takes. Token ids are reduced modulo the vocabulary.
-_ROWS = ((3, (5, 6, 7, 8)), (5, (9, 10)))
+# (virtual tokens, prompt); blocks of 4 tokens so that prefixes and rows span partial blocks. Token ids are
+# reduced modulo the vocabulary.
+_ROWS = ((3, (5, 6, 7, 8)), (5, (9, 10)), (0, (11, 12, 13)))
+_BLOCK = 4
 
 
 @torch.inference_mode()
@@ -27,34 +33,27 @@ def check_prefix_serving(loaded: LoadedModel) -> float:
     shape = loaded.kv_shape
     generator = torch.Generator().manual_seed(0)
     vocab = loaded.model.get_input_embeddings().num_embeddings
-    rows = []
-    for t, prompt in _ROWS:
+    seqs = []
+    for n, (t, prompt) in enumerate(_ROWS):
         kv = torch.randn(shape.num_layers, 2, shape.num_kv_heads, t, shape.head_dim, generator=generator)
-        rows.append((kv.to(dtype=loaded.dtype, device=loaded.device), [p % vocab for p in prompt]))
+        kv = kv.to(dtype=loaded.dtype, device=loaded.device)
+        prefix = LoadedPrefix("check", (f"check{n}",), (str(n),), kv) if t else None
+        seqs.append(Sequence([p % vocab for p in prompt], SamplingParams(), prefix, lambda e: None))
     try:
-        longest = max(kv.shape[3] + len(prompt) for kv, prompt in rows) + 2
-        runner = ModelRunner(loaded.model, shape, len(rows), longest, loaded.dtype, loaded.device)
-        seqs = []
-        for slot, (kv, prompt) in enumerate(rows):
-            seq = Sequence(
-                prompt, SamplingParams(), LoadedPrefix("check", ("check",), ("",), kv), lambda e: None
-            )
-            seq.slot = slot
-            seqs.append(seq)
-        prefill = runner.prefill(seqs)
-        for seq, logits in zip(seqs, prefill, strict=True):
-            seq.output_ids.append(int(logits.argmax()) % vocab)
-        decode = runner.decode(seqs)
+        runner = ModelRunner(loaded.model, KVPool(shape, 16, _BLOCK, loaded.dtype, loaded.device))
+        blocks = BlockManager(16, _BLOCK)
         deltas = []
-        for (kv, prompt), seq, first, second in zip(rows, seqs, prefill, decode, strict=True):
-            deltas.append(_max_delta(first, _reference_logits(loaded, kv, prompt), loaded.dtype))
-            deltas.append(
-                _max_delta(second, _reference_logits(loaded, kv, prompt + seq.output_ids), loaded.dtype)
-            )
+        first = run_rows(runner, blocks, [(s, len(s.prompt_ids)) for s in seqs[:2]])
+        for seq, logits in zip(seqs, first, strict=False):
+            deltas.append(_max_delta(logits, _reference_logits(loaded, seq), loaded.dtype))
+            seq.append_output(int(logits.argmax()))
+        second = run_rows(runner, blocks, [(seqs[0], 1), (seqs[1], 1), (seqs[2], len(seqs[2].prompt_ids))])
+        for seq, logits in zip(seqs, second, strict=True):
+            deltas.append(_max_delta(logits, _reference_logits(loaded, seq), loaded.dtype))
     except Exception as exc:
         raise UnsupportedModelError(
-            f"{loaded.name}: this model's attention cannot take a KV prefix through transformers' cache interface "
-            f"({type(exc).__name__}: {exc}); it cannot be served"
+            f"{loaded.name}: this model's attention cannot take a KV prefix through transformers' attention "
+            f"interface ({type(exc).__name__}: {exc}); it cannot be served"
         ) from exc
     delta, tolerance = max(d for d, _ in deltas), min(t for _, t in deltas)
     if not delta <= tolerance:
@@ -65,6 +64,23 @@ def check_prefix_serving(loaded: LoadedModel) -> float:
     return delta
 
 
+def run_rows(runner: ModelRunner, blocks: BlockManager, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+    """One step over `rows` (sequence, tokens to feed) outside any scheduler: for checks and tests."""
+    out = SchedulerOutput()
+    for seq, n in rows:
+        if seq.prefix is not None and seq.blocks.prefix_key is None:
+            fill = blocks.acquire_prefix(seq.blocks, seq.prefix_key, seq.num_virtual_tokens)
+            assert fill is not None, "the check's pool is too small"
+            if fill:
+                out.prefix_fills.append((fill, seq.prefix))
+        assert blocks.grow(seq.blocks, seq.num_computed + n), "the check's pool is too small"
+        out.rows.append(ScheduledRow(seq, n))
+    logits = runner.run(out)
+    for seq, n in rows:
+        seq.num_computed += n
+    return logits
+
+
 def _max_delta(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
     """The difference and what it may be: batching changes reduction order, which half precision magnifies."""
     scale = max(1.0, float(reference.abs().max()))
@@ -72,17 +88,19 @@ def _max_delta(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) 
     return float((ours - reference).abs().max()), tolerance
 
 
-def _reference_logits(loaded: LoadedModel, kv: torch.Tensor, prompt: list[int]) -> torch.Tensor:
+def _reference_logits(loaded: LoadedModel, seq: Sequence) -> torch.Tensor:
     """transformers' own path, as PEFT drives it: a DynamicCache holding the prefix, positions from T."""
     cache = DynamicCache(config=loaded.model.config)
-    for layer in range(kv.shape[0]):
-        cache.update(kv[layer, 0][None], kv[layer, 1][None], layer)
-    ids = torch.tensor([prompt], device=loaded.device)
-    t = kv.shape[3]
+    if seq.prefix is not None:
+        kv = seq.prefix.kv
+        for layer in range(kv.shape[0]):
+            cache.update(kv[layer, 0][None], kv[layer, 1][None], layer)
+    t = seq.num_virtual_tokens
+    ids = torch.tensor([seq.token_ids], device=loaded.device)
     out = loaded.model(
         input_ids=ids,
-        attention_mask=torch.ones(1, t + len(prompt), dtype=torch.long, device=loaded.device),
-        position_ids=torch.arange(t, t + len(prompt), device=loaded.device)[None],
+        attention_mask=torch.ones(1, t + ids.shape[1], dtype=torch.long, device=loaded.device),
+        position_ids=torch.arange(t, t + ids.shape[1], device=loaded.device)[None],
         past_key_values=cache,
         use_cache=True,
     )

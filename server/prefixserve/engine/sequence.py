@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prefixserve.adapters.registry import LoadedPrefix
+from prefixserve.engine.block_manager import RowBlocks
 from prefixserve.engine.detokenizer import OutputText
 
 
@@ -64,6 +65,10 @@ _ids = itertools.count()
 
 @dataclass(eq=False)
 class Sequence:
+    """A request's tokens are `token_ids` = prompt + output. `num_computed` of them have keys/values in the
+    pool (after the adapter prefix); each step feeds the next ones. A row whose last token is in samples the
+    next token. A preempted row drops its blocks and starts over at 0: recomputing prompt + output so far."""
+
     prompt_ids: list[int]
     params: SamplingParams
     prefix: LoadedPrefix | None
@@ -71,32 +76,51 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
+    token_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
-    num_prefilled: int = 0  # prompt tokens already in the cache (long prompts go in over several steps)
-    slot: int = -1
+    num_computed: int = 0
+    blocks: RowBlocks = field(default_factory=RowBlocks)
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     cancelled: bool = False
+    num_preemptions: int = 0
     first_token_time: float | None = None
     admitted_time: float | None = None
     text: OutputText | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids) + self.output_ids
 
     @property
     def num_virtual_tokens(self) -> int:
         return self.prefix.num_virtual_tokens if self.prefix is not None else 0
 
     @property
+    def prefix_key(self) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+        """Identifies the prefix's contents: rows with equal keys share its blocks in the pool."""
+        p = self.prefix
+        return None if p is None else (p.namespace, p.adapter_ids, p.sha256)
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
     @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
     def prefill_done(self) -> bool:
-        return self.num_prefilled == len(self.prompt_ids)
+        return self.num_computed >= len(self.prompt_ids)
 
     @property
     def cache_length(self) -> int:
-        """Entries in this row's KV cache: prefix + prompt so far + all outputs but the last (not yet fed back)."""
-        return self.num_virtual_tokens + self.num_prefilled + max(len(self.output_ids) - 1, 0)
+        """Context positions this row occupies: prefix + tokens computed."""
+        return self.num_virtual_tokens + self.num_computed
+
+    def append_output(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.token_ids.append(token)
 
     @property
     def is_finished(self) -> bool:
