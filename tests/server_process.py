@@ -36,6 +36,8 @@ class ServerProcess:
                 str(self.port),
                 "--num-threads",
                 "1",
+                # PEFT, the oracle, runs in fp32; `auto` would pick bf16 on CPUs with native bf16
+                *([] if "--dtype" in args else ["--dtype", "float32"]),
                 *args,
             ],
             stdout=self._log,

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, LlamaConfig, MistralConfig, T5Config, T5ForConditionalGeneration
 
 from prefixserve.engine.errors import UnsupportedModelError
-from prefixserve.engine.kv_cache import BatchKV
+from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_loader import check_servable, kv_shape_of, load_model, resolve_device
 from prefixserve.engine.self_check import check_prefix_serving
 
@@ -62,15 +62,15 @@ def test_self_check_passes_on_supported_models_and_catches_a_cache_that_drops_th
 ):
     for path in tiny_model_dirs.values():
         assert check_prefix_serving(load_model(str(path), "cpu", "float32", 256)) < 1e-4
+        check_prefix_serving(load_model(str(path), "cpu", "bfloat16", 256))  # within bf16's tolerance
     loaded = load_model(str(tiny_model_dirs["llama"]), "cpu", "float32", 256)
-    original = BatchKV.update
+    original = KVPool.write_prefix
 
-    def forgetful_update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = original(self, key_states, value_states, layer_idx)
-        values = values.clone()
-        values[:, :, :3] = 0  # loses the prefix's values, as a model post-processing the cache might
-        return keys, values
+    def forgetful_write_prefix(self, slots, kv):
+        kv = kv.clone()
+        kv[:, 1] = 0  # loses the prefix's values, as a cache that mishandles prefixes might
+        original(self, slots, kv)
 
-    monkeypatch.setattr(BatchKV, "update", forgetful_update)
+    monkeypatch.setattr(KVPool, "write_prefix", forgetful_write_prefix)
     with pytest.raises(UnsupportedModelError, match="cannot be served exactly"):
         check_prefix_serving(loaded)

@@ -1,8 +1,9 @@
 """The KV cache: one pool of fixed-size blocks per layer, sized in bytes (`--kv-cache-mb`), shared by all rows.
 
 A slot is one token's keys and values in one block: slot = block * block_size + offset. Each layer's keys
-(and values) are one tensor [slots, kv_heads, head_dim], so a batch writes its new tokens with one
-`index_copy_` and attention gathers exactly the slots a row holds, wherever its blocks are. Which blocks
+(and values) are one tensor [kv_heads, slots, head_dim], so a batch writes its new tokens with one
+`index_copy_` and attention gathers exactly the slots a row holds, wherever its blocks are, already laid out
+head by head as the attention matmuls want them. Which blocks
 belong to which row or adapter prefix is the block manager's business; this class only holds the memory.
 """
 
@@ -26,7 +27,7 @@ class KVPool:
         self.block_size = block_size
         self.dtype = dtype
         self.device = device
-        size = (num_blocks * block_size, shape.num_kv_heads, shape.head_dim)
+        size = (shape.num_kv_heads, num_blocks * block_size, shape.head_dim)
         # Allocated whole up front: running out of memory at start-up beats failing rows later.
         self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
@@ -52,5 +53,5 @@ class KVPool:
         """Copy an adapter prefix ([layers, 2, kv_heads, T, head_dim]) into `slots` (T of them)."""
         index = torch.tensor(slots, device=self.device)
         for layer in range(self.shape.num_layers):
-            self.keys[layer].index_copy_(0, index, kv[layer, 0].transpose(0, 1).to(self.dtype))
-            self.values[layer].index_copy_(0, index, kv[layer, 1].transpose(0, 1).to(self.dtype))
+            self.keys[layer].index_copy_(1, index, kv[layer, 0].to(self.dtype))
+            self.values[layer].index_copy_(1, index, kv[layer, 1].to(self.dtype))

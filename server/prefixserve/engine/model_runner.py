@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from prefixserve.engine.kv_cache import KVPool
-from prefixserve.engine.paged_attention import BATCH_KWARG, AttentionBatch, PrefillRow
+from prefixserve.engine.paged_attention import BATCH_KWARG, AttentionBatch, RowAttention, group_rows
 from prefixserve.engine.scheduler import SchedulerOutput
 
 
@@ -33,10 +33,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        decode_queries: list[int] = []
-        decode_slots: list[int] = []
-        decode_rows: list[int] = []
-        prefill: list[PrefillRow] = []
+        attention: list[RowAttention] = []
         logits_at: list[int] = []
         for row in step.rows:
             seq, n = row.seq, row.num_tokens
@@ -45,24 +42,11 @@ class ModelRunner:
             ids += seq.token_ids[done : done + n]
             positions += range(first_position, first_position + n)
             slot_mapping += seq.blocks.slots[done : done + n]
-            context = seq.blocks.prefix_slots + seq.blocks.slots[: done + n]
-            if n == 1:
-                decode_rows += [len(decode_queries)] * len(context)
-                decode_queries.append(start)
-                decode_slots += context
-            else:
-                prefill.append(self._prefill_row(start, n, context))
+            attention.append(RowAttention(start, n, seq.blocks.prefix_slots + seq.blocks.slots[: done + n]))
             if row.samples:
                 logits_at.append(start + n - 1)
         tensor = self._tensor
-        batch = AttentionBatch(
-            pool=self.pool,
-            slot_mapping=tensor(slot_mapping),
-            decode_queries=tensor(decode_queries),
-            decode_slots=tensor(decode_slots),
-            decode_rows=tensor(decode_rows),
-            prefill=prefill,
-        )
+        batch = AttentionBatch(self.pool, tensor(slot_mapping), group_rows(attention, self.device))
         logits = self.model(
             input_ids=tensor(ids)[None],
             position_ids=tensor(positions)[None],
@@ -72,13 +56,6 @@ class ModelRunner:
             **{BATCH_KWARG: batch},
         ).logits
         return logits[0].float()
-
-    def _prefill_row(self, start: int, n: int, context: list[int]) -> PrefillRow:
-        """Query i of the chunk sits at context index len(context) - n + i and sees keys up to it."""
-        length = len(context)
-        keys = torch.arange(length, device=self.device)
-        queries = torch.arange(length - n, length, device=self.device)
-        return PrefillRow(start, n, self._tensor(context), keys[None, :] <= queries[:, None])
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

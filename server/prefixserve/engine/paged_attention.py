@@ -3,11 +3,12 @@
 The engine runs a step as one flat sequence of tokens from many rows (no padding): `input_ids` [1, N]. Each
 layer's attention module computes queries, keys and values (with its own rotary embedding, norms, biases) and
 calls the registered function below, which writes the new keys/values into the pool and attends, for every
-row, over exactly the slots that row holds (its adapter prefix, then its own tokens):
+row, over exactly the slots that row holds (its adapter prefix, then its own tokens).
 
-- rows taking one token (decoding) are done together: their context slots are gathered once into a flat
-  list and a segmented softmax runs over it, so a short row never pays for a long one;
-- rows taking several tokens (prompt chunks) each get one SDPA call with a causal mask aligned to the end.
+Rows are grouped by shape before the step (`group_rows`): rows of similar query and context lengths share one
+gather from the pool and one SDPA call over [rows, heads, queries, context], masked per row. A group is closed
+as soon as its padded area would exceed its real work by a quarter, so a short row never pays for the batch's
+longest one; a batch of similar rows (the common decode step) is one group, one call per layer.
 
 Calls without a batch (from_text, the self-check's reference) fall through to transformers' SDPA, so the one
 loaded model serves both paths.
@@ -18,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -27,26 +27,89 @@ from prefixserve.engine.kv_cache import KVPool
 
 ATTN_IMPLEMENTATION = "prefixserve_paged"
 BATCH_KWARG = "prefixserve_batch"
+MAX_PADDING = 1.25  # a group's padded area (rows x queries x context) may exceed its real work by this much
+
+
+@dataclass(frozen=True)
+class RowAttention:
+    """One row of a step: its queries are flat tokens [query_start, query_start + query_len) and it attends
+    over `context_slots` (prefix, then its own tokens, the new ones last)."""
+
+    query_start: int
+    query_len: int
+    context_slots: list[int]
 
 
 @dataclass
-class PrefillRow:
-    query_start: int
-    query_len: int
-    context_slots: torch.Tensor  # [context] slots in order, the new tokens' last
-    causal_mask: torch.Tensor | None  # [query_len, context]; None when a single query sees all
+class RowGroup:
+    """Rows padded to a common [queries, context] shape; built once per step, used by every layer."""
+
+    query_index: torch.Tensor  # [rows * queries] flat token of each padded query (a row's own when padding)
+    context_index: torch.Tensor  # [rows * context] slot of each padded key (a row's own when padding)
+    mask: torch.Tensor  # [1, rows, 1, queries, context] what each query may see
+    valid: torch.Tensor  # [n] which padded queries are real ...
+    targets: torch.Tensor  # [n] ... and the flat token each one answers for
+    rows: int
+    queries: int
+    context: int
+
+
+def group_rows(rows: list[RowAttention], device: torch.device) -> list[RowGroup]:
+    order = sorted(rows, key=lambda r: (r.query_len, len(r.context_slots)))
+    groups, current = [], []
+    for row in order:
+        candidate = current + [row]
+        padded = len(candidate) * row.query_len * len(row.context_slots)  # sorted: this row is the widest
+        real = sum(r.query_len * len(r.context_slots) for r in candidate)
+        if current and padded > MAX_PADDING * real:
+            groups.append(_build_group(current, device))
+            candidate = [row]
+        current = candidate
+    if current:
+        groups.append(_build_group(current, device))
+    return groups
+
+
+def _build_group(rows: list[RowAttention], device: torch.device) -> RowGroup:
+    queries = max(r.query_len for r in rows)
+    context = max(len(r.context_slots) for r in rows)
+    query_index, context_index, valid, targets = [], [], [], []
+    for i, r in enumerate(rows):
+        own = list(range(r.query_start, r.query_start + r.query_len))
+        query_index += own + [r.query_start] * (queries - r.query_len)
+        context_index += r.context_slots + [r.context_slots[0]] * (context - len(r.context_slots))
+        valid += range(i * queries, i * queries + r.query_len)
+        targets += own
+    lengths = torch.tensor([len(r.context_slots) for r in rows], device=device)[:, None, None]
+    query_lens = torch.tensor([r.query_len for r in rows], device=device)[:, None, None]
+    keys = torch.arange(context, device=device)[None, None, :]
+    query_pos = torch.arange(queries, device=device)[None, :, None]
+    # query i of a row sits at context index length - query_len + i; padded queries see the row's first key
+    mask = (keys <= lengths - query_lens + query_pos) | (keys == 0)
+    mask &= keys < lengths
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return RowGroup(
+        tensor(query_index),
+        tensor(context_index),
+        mask[:, None],
+        tensor(valid),
+        tensor(targets),
+        len(rows),
+        queries,
+        context,
+    )
 
 
 @dataclass
 class AttentionBatch:
-    """Where one step's tokens go and what each row attends over; built once per step, used by every layer."""
+    """Where one step's tokens go and how rows attend; built once per step, used by every layer."""
 
     pool: KVPool
     slot_mapping: torch.Tensor  # [N] slot of each new token
-    decode_queries: torch.Tensor  # [D] flat positions of the single-token rows' queries
-    decode_slots: torch.Tensor  # [C] the context slots of all single-token rows, row after row
-    decode_rows: torch.Tensor  # [C] which single-token row (0..D-1) each context slot belongs to
-    prefill: list[PrefillRow]
+    groups: list[RowGroup]
 
 
 def paged_attention(
@@ -68,56 +131,31 @@ def paged_attention(
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention logit soft-capping and sinks are not supported")
     layer = module.layer_idx
-    k_pool, v_pool = batch.pool.keys[layer], batch.pool.values[layer]
-    k_pool.index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(k_pool.dtype))
-    v_pool.index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(v_pool.dtype))
-    q = query[0].transpose(0, 1)  # [N, q_heads, head_dim]
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = torch.empty_like(q)
-    if batch.decode_queries.numel():
-        out[batch.decode_queries] = _decode(
-            q.index_select(0, batch.decode_queries),
-            k_pool,
-            v_pool,
-            batch.decode_slots,
-            batch.decode_rows,
-            scale,
-        )
-    for row in batch.prefill:
-        qr = q[row.query_start : row.query_start + row.query_len].transpose(0, 1)[None]
-        kr = k_pool.index_select(0, row.context_slots).transpose(0, 1)[None].to(q.dtype)
-        vr = v_pool.index_select(0, row.context_slots).transpose(0, 1)[None].to(q.dtype)
-        o = F.scaled_dot_product_attention(
-            qr, kr, vr, attn_mask=row.causal_mask, scale=scale, enable_gqa=qr.shape[1] != kr.shape[1]
-        )
-        out[row.query_start : row.query_start + row.query_len] = o[0].transpose(0, 1)
-    return out[None], None
-
-
-def _decode(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    slots: torch.Tensor,
-    rows: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """One query per row, each over its own context: a segmented softmax over the concatenated contexts."""
-    num_rows, q_heads, head_dim = q.shape
-    k = k_pool.index_select(0, slots).float()  # [C, kv_heads, head_dim]
-    v = v_pool.index_select(0, slots).float()
-    kv_heads = k.shape[1]
+    k_pool, v_pool = batch.pool.keys[layer], batch.pool.values[layer]  # [kv_heads, slots, head_dim]
+    k_pool.index_copy_(1, batch.slot_mapping, key[0].to(k_pool.dtype))
+    v_pool.index_copy_(1, batch.slot_mapping, value[0].to(v_pool.dtype))
+    q = query[0]  # [q_heads, N, head_dim]
+    q_heads, _, head_dim = q.shape
+    kv_heads = k_pool.shape[0]
     group = q_heads // kv_heads
-    q_ctx = q.float().view(num_rows, kv_heads, group, head_dim).index_select(0, rows)  # [C, kv, g, d]
-    scores = torch.matmul(q_ctx, k.unsqueeze(-1)).squeeze(-1) * scale  # [C, kv, g]
-    index = rows.view(-1, 1, 1).expand_as(scores)
-    row_max = torch.full((num_rows, kv_heads, group), float("-inf"), device=q.device)
-    row_max.scatter_reduce_(0, index, scores, "amax")
-    weights = torch.exp(scores - row_max.index_select(0, rows))
-    denom = torch.zeros_like(row_max).index_add_(0, rows, weights)
-    out = torch.zeros(num_rows, kv_heads, group, head_dim, device=q.device)
-    out.index_add_(0, rows, weights.unsqueeze(-1) * v.unsqueeze(2))
-    return (out / denom.unsqueeze(-1)).view(num_rows, q_heads, head_dim).to(q.dtype)
+    scale = scaling if scaling is not None else head_dim**-0.5
+    out = torch.empty_like(q)
+    for g in batch.groups:
+        # [kv_heads, rows, group * queries, head_dim]: the query heads that share a kv head, stacked
+        qg = q.index_select(1, g.query_index).view(kv_heads, group, g.rows, g.queries, head_dim)
+        qg = qg.transpose(1, 2).reshape(kv_heads, g.rows, group * g.queries, head_dim)
+        kg = k_pool.index_select(1, g.context_index).view(kv_heads, g.rows, g.context, head_dim)
+        vg = v_pool.index_select(1, g.context_index).view(kv_heads, g.rows, g.context, head_dim)
+        # fp32 throughout, as SDPA accumulates: half-precision scores would round before the softmax
+        scores = torch.matmul(qg.float(), kg.transpose(2, 3).float()) * scale
+        scores = scores.view(kv_heads, g.rows, group, g.queries, g.context)
+        scores.masked_fill_(~g.mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        o = torch.matmul(weights.view(kv_heads, g.rows, group * g.queries, g.context), vg.float())
+        o = o.view(kv_heads, g.rows, group, g.queries, head_dim).transpose(1, 2)
+        o = o.reshape(q_heads, g.rows * g.queries, head_dim).to(q.dtype)
+        out.index_copy_(1, g.targets, o.index_select(1, g.valid))
+    return out.transpose(0, 1)[None], None
 
 
 def register() -> None:
