@@ -46,7 +46,7 @@ class ModelRunner:
             if row.samples:
                 logits_at.append(start + n - 1)
         tensor = self._tensor
-        batch = AttentionBatch(self.pool, tensor(slot_mapping), group_rows(attention, self.device))
+        batch = AttentionBatch(self.pool, tensor(slot_mapping), group_rows(attention, self.pool))
         logits = self.model(
             input_ids=tensor(ids)[None],
             position_ids=tensor(positions)[None],

@@ -45,8 +45,8 @@ class RowGroup:
     """Rows padded to a common [queries, context] shape; built once per step, used by every layer."""
 
     query_index: torch.Tensor  # [rows * queries] flat token of each padded query (a row's own when padding)
-    context_index: torch.Tensor  # [rows * context] slot of each padded key (a row's own when padding)
-    mask: torch.Tensor  # [1, rows, 1, queries, context] what each query may see
+    context_index: torch.Tensor  # [kv_heads * rows * context] row of the pool flattened to [heads * slots, d]
+    mask: torch.Tensor  # [rows, 1, queries, context] what each query may see (broadcast over kv heads)
     valid: torch.Tensor  # [n] which padded queries are real ...
     targets: torch.Tensor  # [n] ... and the flat token each one answers for
     rows: int
@@ -54,7 +54,7 @@ class RowGroup:
     context: int
 
 
-def group_rows(rows: list[RowAttention], device: torch.device) -> list[RowGroup]:
+def group_rows(rows: list[RowAttention], pool: KVPool) -> list[RowGroup]:
     order = sorted(rows, key=lambda r: (r.query_len, len(r.context_slots)))
     groups, current = [], []
     for row in order:
@@ -62,15 +62,16 @@ def group_rows(rows: list[RowAttention], device: torch.device) -> list[RowGroup]
         padded = len(candidate) * row.query_len * len(row.context_slots)  # sorted: this row is the widest
         real = sum(r.query_len * len(r.context_slots) for r in candidate)
         if current and padded > MAX_PADDING * real:
-            groups.append(_build_group(current, device))
+            groups.append(_build_group(current, pool))
             candidate = [row]
         current = candidate
     if current:
-        groups.append(_build_group(current, device))
+        groups.append(_build_group(current, pool))
     return groups
 
 
-def _build_group(rows: list[RowAttention], device: torch.device) -> RowGroup:
+def _build_group(rows: list[RowAttention], pool: KVPool) -> RowGroup:
+    device = pool.device
     queries = max(r.query_len for r in rows)
     context = max(len(r.context_slots) for r in rows)
     query_index, context_index, valid, targets = [], [], [], []
@@ -91,9 +92,12 @@ def _build_group(rows: list[RowAttention], device: torch.device) -> RowGroup:
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
+    # Gathering along dim 0 of the flattened pool is twice as fast as along dim 1 (measured, CPU).
+    slots = pool.keys[0].shape[1]
+    heads = torch.arange(pool.shape.num_kv_heads, device=device)[:, None] * slots
     return RowGroup(
         tensor(query_index),
-        tensor(context_index),
+        (heads + tensor(context_index)[None]).flatten(),
         mask[:, None],
         tensor(valid),
         tensor(targets),
@@ -144,8 +148,16 @@ def paged_attention(
         # [kv_heads, rows, group * queries, head_dim]: the query heads that share a kv head, stacked
         qg = q.index_select(1, g.query_index).view(kv_heads, group, g.rows, g.queries, head_dim)
         qg = qg.transpose(1, 2).reshape(kv_heads, g.rows, group * g.queries, head_dim)
-        kg = k_pool.index_select(1, g.context_index).view(kv_heads, g.rows, g.context, head_dim)
-        vg = v_pool.index_select(1, g.context_index).view(kv_heads, g.rows, g.context, head_dim)
+        kg = (
+            k_pool.view(-1, head_dim)
+            .index_select(0, g.context_index)
+            .view(kv_heads, g.rows, g.context, head_dim)
+        )
+        vg = (
+            v_pool.view(-1, head_dim)
+            .index_select(0, g.context_index)
+            .view(kv_heads, g.rows, g.context, head_dim)
+        )
         # fp32 throughout, as SDPA accumulates: half-precision scores would round before the softmax
         scores = torch.matmul(qg.float(), kg.transpose(2, 3).float()) * scale
         scores = scores.view(kv_heads, g.rows, group, g.queries, g.context)

@@ -1,12 +1,55 @@
-"""The bridge from the engine thread to asyncio: one `RequestStream` per request."""
+"""The bridge from the engine thread to asyncio: one `RequestStream` per request.
+
+A step produces a token for every running row. Waking the event loop once per token (64 thread-safe calls
+per step at 64 rows) cost the server a third of its throughput on two cores, where every wake-up takes time
+from the engine's compute threads. Events therefore go through one `EventDispatcher` per event loop, which
+wakes the loop once for whatever the engine has posted since its last wake-up: about once per step.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from prefixserve.engine.engine import AdapterRef, LLMEngine
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
+
+
+class EventDispatcher:
+    """Hands events from the engine thread to their streams on the event loop, one wake-up per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: deque[tuple[RequestStream, TokenEvent]] = deque()
+        self._scheduled = False
+
+    def post(self, stream: RequestStream, event: TokenEvent) -> None:
+        """Engine thread. deque.append is atomic; a flush that already started schedules no lost event,
+        because it clears the flag before draining."""
+        self._pending.append((stream, event))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._pending:
+            stream, event = self._pending.popleft()
+            stream._deliver(event)
+
+
+_dispatchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventDispatcher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def dispatcher_for(loop: asyncio.AbstractEventLoop) -> EventDispatcher:
+    dispatcher = _dispatchers.get(loop)
+    if dispatcher is None:
+        dispatcher = _dispatchers[loop] = EventDispatcher(loop)
+    return dispatcher
 
 
 class RequestStream:
@@ -14,7 +57,7 @@ class RequestStream:
 
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
-        self._loop = loop
+        self._dispatcher = dispatcher_for(loop)
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.seq: Sequence | None = None
         self.finished = False
@@ -28,7 +71,7 @@ class RequestStream:
             self._on_finish.append(callback)
 
     def sink(self, event: TokenEvent) -> None:
-        self._loop.call_soon_threadsafe(self._deliver, event)
+        self._dispatcher.post(self, event)
 
     def _deliver(self, event: TokenEvent) -> None:
         self._queue.put_nowait(event)
