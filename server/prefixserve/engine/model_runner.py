@@ -42,7 +42,7 @@ class ModelRunner:
             ids += seq.token_ids[done : done + n]
             positions += range(first_position, first_position + n)
             slot_mapping += seq.blocks.slots[done : done + n]
-            attention.append(RowAttention(start, n, seq.blocks.prefix_slots + seq.blocks.slots[: done + n]))
+            attention.append(RowAttention(start, n, seq.blocks.prefix_slots, seq.blocks.slots[: done + n]))
             if row.samples:
                 logits_at.append(start + n - 1)
         tensor = self._tensor

@@ -16,6 +16,8 @@ loaded model serves both paths.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,21 +30,28 @@ from prefixserve.engine.kv_cache import KVPool
 ATTN_IMPLEMENTATION = "prefixserve_paged"
 BATCH_KWARG = "prefixserve_batch"
 MAX_PADDING = 1.25  # a group's padded area (rows x queries x context) may exceed its real work by this much
+# A prefix this long, held by two or more rows of a step, is attended once for all of them (cascade). Shorter
+# ones ride in each row's context: splitting a batch by adapter would cost more calls than it saves.
+CASCADE_MIN_PREFIX = 64
 
 
 @dataclass(frozen=True)
 class RowAttention:
     """One row of a step: its queries are flat tokens [query_start, query_start + query_len) and it attends
-    over `context_slots` (prefix, then its own tokens, the new ones last)."""
+    over its adapter prefix's slots, then its own (the new tokens last)."""
 
     query_start: int
     query_len: int
-    context_slots: list[int]
+    prefix_slots: list[int]
+    own_slots: list[int]
 
 
 @dataclass
 class RowGroup:
-    """Rows padded to a common [queries, context] shape; built once per step, used by every layer."""
+    """Rows padded to a common [queries, context] shape; built once per step, used by every layer.
+
+    With `prefix_index`, every row of the group shares that prefix (gathered once, attended by all the
+    group's queries in one matmul) and `context` counts only the rows' own tokens."""
 
     query_index: torch.Tensor  # [rows * queries] flat token of each padded query (a row's own when padding)
     context_index: torch.Tensor  # [kv_heads * rows * context] row of the pool flattened to [heads * slots, d]
@@ -52,36 +61,60 @@ class RowGroup:
     rows: int
     queries: int
     context: int
+    prefix_index: torch.Tensor | None = None  # [kv_heads * T] the shared prefix, flattened like context_index
+    prefix_len: int = 0
 
 
 def group_rows(rows: list[RowAttention], pool: KVPool) -> list[RowGroup]:
-    order = sorted(rows, key=lambda r: (r.query_len, len(r.context_slots)))
-    groups, current = [], []
-    for row in order:
-        candidate = current + [row]
-        padded = len(candidate) * row.query_len * len(row.context_slots)  # sorted: this row is the widest
-        real = sum(r.query_len * len(r.context_slots) for r in candidate)
-        if current and padded > MAX_PADDING * real:
-            groups.append(_build_group(current, pool))
-            candidate = [row]
-        current = candidate
-    if current:
-        groups.append(_build_group(current, pool))
+    """Rows sharing a long prefix attend to it together (cascade); the rest by shape, prefix included."""
+    sharing: dict[int, list[RowAttention]] = defaultdict(list)
+    for row in rows:
+        if len(row.prefix_slots) >= CASCADE_MIN_PREFIX:
+            sharing[row.prefix_slots[0]].append(row)  # a slot belongs to one resident prefix only
+    groups = []
+    for first_slot, members in list(sharing.items()):
+        if len(members) < 2:
+            del sharing[first_slot]
+            continue
+        for part in _by_shape(members, lambda r: len(r.own_slots)):
+            groups.append(_build_group(part, pool, shared_prefix=members[0].prefix_slots))
+    plain = [r for r in rows if not r.prefix_slots or r.prefix_slots[0] not in sharing]
+    for part in _by_shape(plain, lambda r: len(r.prefix_slots) + len(r.own_slots)):
+        groups.append(_build_group(part, pool))
     return groups
 
 
-def _build_group(rows: list[RowAttention], pool: KVPool) -> RowGroup:
+def _by_shape(rows: list[RowAttention], context: Callable[[RowAttention], int]) -> list[list[RowAttention]]:
+    """Split rows, sorted by shape, wherever a group's padded area would pass MAX_PADDING x its real work."""
+    order = sorted(rows, key=lambda r: (r.query_len, context(r)))
+    parts: list[list[RowAttention]] = []
+    current: list[RowAttention] = []
+    for row in order:
+        candidate = current + [row]
+        padded = len(candidate) * row.query_len * context(row)  # sorted: this row is the widest
+        real = sum(r.query_len * context(r) for r in candidate)
+        if current and padded > MAX_PADDING * real:
+            parts.append(current)
+            candidate = [row]
+        current = candidate
+    if current:
+        parts.append(current)
+    return parts
+
+
+def _build_group(rows: list[RowAttention], pool: KVPool, shared_prefix: list[int] | None = None) -> RowGroup:
     device = pool.device
+    contexts = [r.own_slots if shared_prefix else r.prefix_slots + r.own_slots for r in rows]
     queries = max(r.query_len for r in rows)
-    context = max(len(r.context_slots) for r in rows)
+    context = max(len(c) for c in contexts)
     query_index, context_index, valid, targets = [], [], [], []
-    for i, r in enumerate(rows):
+    for i, (r, slots) in enumerate(zip(rows, contexts, strict=True)):
         own = list(range(r.query_start, r.query_start + r.query_len))
         query_index += own + [r.query_start] * (queries - r.query_len)
-        context_index += r.context_slots + [r.context_slots[0]] * (context - len(r.context_slots))
+        context_index += slots + [slots[0]] * (context - len(slots))
         valid += range(i * queries, i * queries + r.query_len)
         targets += own
-    lengths = torch.tensor([len(r.context_slots) for r in rows], device=device)[:, None, None]
+    lengths = torch.tensor([len(c) for c in contexts], device=device)[:, None, None]
     query_lens = torch.tensor([r.query_len for r in rows], device=device)[:, None, None]
     keys = torch.arange(context, device=device)[None, None, :]
     query_pos = torch.arange(queries, device=device)[None, :, None]
@@ -104,6 +137,8 @@ def _build_group(rows: list[RowAttention], pool: KVPool) -> RowGroup:
         len(rows),
         queries,
         context,
+        None if shared_prefix is None else (heads + tensor(shared_prefix)[None]).flatten(),
+        len(shared_prefix or ()),
     )
 
 
@@ -159,11 +194,33 @@ def paged_attention(
             .view(kv_heads, g.rows, g.context, head_dim)
         )
         # fp32 throughout, as SDPA accumulates: half-precision scores would round before the softmax
-        scores = torch.matmul(qg.float(), kg.transpose(2, 3).float()) * scale
+        qf = qg.float()
+        scores = torch.matmul(qf, kg.transpose(2, 3).float()) * scale
         scores = scores.view(kv_heads, g.rows, group, g.queries, g.context)
         scores.masked_fill_(~g.mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        o = torch.matmul(weights.view(kv_heads, g.rows, group * g.queries, g.context), vg.float())
+        if g.prefix_index is None:
+            weights = torch.softmax(scores, dim=-1).view(kv_heads, g.rows, group * g.queries, g.context)
+            o = torch.matmul(weights, vg.float())
+        else:  # the shared prefix is visible to every query: one matmul for all rows, one joint softmax
+            kp = (
+                k_pool.view(-1, head_dim)
+                .index_select(0, g.prefix_index)
+                .view(kv_heads, g.prefix_len, head_dim)
+            )
+            vp = (
+                v_pool.view(-1, head_dim)
+                .index_select(0, g.prefix_index)
+                .view(kv_heads, g.prefix_len, head_dim)
+            )
+            prefix_scores = (
+                torch.matmul(qf.reshape(kv_heads, -1, head_dim), kp.transpose(1, 2).float()) * scale
+            )
+            prefix_scores = prefix_scores.view(kv_heads, g.rows, group, g.queries, g.prefix_len)
+            weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)
+            own = weights[..., g.prefix_len :].reshape(kv_heads, g.rows, group * g.queries, g.context)
+            o = torch.matmul(own, vg.float())
+            shared = weights[..., : g.prefix_len].reshape(kv_heads, -1, g.prefix_len)
+            o += torch.matmul(shared, vp.float()).view_as(o)
         o = o.view(kv_heads, g.rows, group, g.queries, head_dim).transpose(1, 2)
         o = o.reshape(q_heads, g.rows * g.queries, head_dim).to(q.dtype)
         out.index_copy_(1, g.targets, o.index_select(1, g.valid))
