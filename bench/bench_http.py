@@ -1,16 +1,18 @@
-"""End-to-end over HTTP vs the engine called directly, in one run: what the API layer costs.
+"""What the API layer costs: the same closed-loop load through the engine called in-process, then over HTTP.
 
-A `prefixserve serve` process with the GPT-2 124M shape (random weights) and 16 adapters (T=20); 16 concurrent
-clients each POST /generate with their own adapter (prompt 32 tokens, 32 new, greedy). The same 16 requests
-then run through an in-process engine. Both on 2 threads.
+GPT-2 124M shape (random weights), 16 adapters (T=20), prompts of 32 token ids, 32 new tokens, greedy. Each of
+`--concurrency` client threads sends its next request as soon as its last one finishes, both times; only the
+path differs: `LLMEngine.submit` on a started engine in this process, or `POST /v1/completions` to a
+`prefixserve serve` process on loopback (default settings, so its own torch threads).
 
-    python -m bench.bench_http
+    python -m bench.bench_http [--dtype bfloat16] [--concurrency 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,68 +20,80 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.bench_engine import VOCAB, bench_engine, build_adapters, build_model, make_engine
-from tests.server_process import ServerProcess, upload_files
+from bench.bench_engine import VOCAB, build_adapters, build_model
+from bench.bench_vs_vllm import load, start_prefixserve
+from prefixserve.adapters.format import read_adapter_dir
+from prefixserve.adapters.registry import AdapterRegistry
+from prefixserve.adapters.store import AdapterStore
+from prefixserve.engine.engine import EngineLimits, LLMEngine
+from prefixserve.engine.model_loader import load_model
+from prefixserve.engine.sequence import SamplingParams
+from tests.server_process import upload_files
+
+
+def direct(
+    model: Path, adapters: list[Path], dtype: str, prompts: list[list[int]], concurrency: int
+) -> float:
+    loaded = load_model(str(model), "cpu", dtype, 1024)
+    registry = AdapterRegistry(
+        AdapterStore(Path(tempfile.mkdtemp())), loaded.kv_shape, loaded.dtype, loaded.device, 2**29, 256, 2.0
+    )
+    for i, path in enumerate(adapters):
+        registry.put("default", f"a{i}", read_adapter_dir(path))
+    engine = LLMEngine(loaded, registry, EngineLimits(max_queue_size=1024))
+    engine.start()
+    params = SamplingParams(max_new_tokens=32)
+
+    def one(i: int) -> int:
+        done, tokens = threading.Event(), []
+
+        def sink(event) -> None:
+            if event.token_id >= 0:
+                tokens.append(event.token_id)
+            if event.finish_reason is not None:
+                done.set()
+
+        engine.submit(prompts[i], ("default", (f"a{i % len(adapters)}",)), params, sink)
+        done.wait()
+        return len(tokens)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(min(concurrency, 8))))  # warm-up
+        start = time.perf_counter()
+        tokens = sum(pool.map(one, range(len(prompts))))
+        seconds = time.perf_counter() - start
+    engine.stop_accepting()
+    engine.join(10)
+    return tokens / seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="prefixserve-http-"))
-    model_dir = build_model(tmp / "model")
-    adapters = build_adapters(model_dir, tmp / "adapters", args.requests, 20)
-    prompts = torch.randint(0, VOCAB - 1, (args.requests, 32), generator=torch.Generator().manual_seed(0))
-    texts = [" ".join(f"t{i}" for i in p.tolist()) for p in prompts]  # the word-level tokenizer's spelling
-    tokens = args.requests * 32
-
-    server = ServerProcess(
-        [
-            "--model",
-            str(model_dir),
-            "--adapter-dir",
-            str(tmp / "store"),
-            "--max-batch-size",
-            str(args.requests),
-            "--num-threads",
-            str(args.threads),
-        ],
-        tmp / "server.log",
-    ).wait_healthy(300)
-    try:
-        with httpx.Client(base_url=server.url, timeout=300) as client:
-            for i, path in enumerate(adapters):
-                client.put(f"/v1/adapters/a{i}", files=upload_files(path)).raise_for_status()
-
-            def one(i: int) -> int:
-                body = {
-                    "inputs": texts[i],
-                    "parameters": {"adapter_id": f"a{i}", "max_new_tokens": 32, "details": True},
-                }
-                r = client.post("/generate", json=body)
-                r.raise_for_status()
-                return r.json()["details"]["generated_tokens"]
-
-            with ThreadPoolExecutor(args.requests) as pool:
-                list(pool.map(one, range(2)))  # warm-up
-                http = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    generated = sum(pool.map(one, range(args.requests)))
-                    http.append(generated / (time.perf_counter() - start))
-    finally:
-        server.stop()
-
-    torch.set_num_threads(args.threads)
-    engine = make_engine(model_dir, tmp / "store2", adapters, args.requests, 20 + 32 + 32)
-    bench_engine(engine, prompts[:2], len(adapters), 4)
-    direct = max(tokens / bench_engine(engine, prompts, len(adapters), 32) for _ in range(args.repeats))
-    print(f"engine called directly:          {direct:8.1f} tokens/s")
-    print(
-        f"over HTTP, {args.requests} concurrent clients: {max(http):8.1f} tokens/s  ({max(http) / direct:.2f}x direct)"
-    )
+    model = build_model(tmp / "model")
+    adapters = build_adapters(model, tmp / "adapters", 16, 20)
+    n = 4 * args.concurrency
+    prompts = torch.randint(0, VOCAB - 1, (n, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    names = [f"a{i}" for i in range(len(adapters))]
+    http, engine = [], []
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        engine.append(direct(model, adapters, args.dtype, prompts, args.concurrency))
+        server = start_prefixserve(model, args.dtype, tmp)
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                for i, path in enumerate(adapters):
+                    client.put(f"/v1/adapters/a{i}", files=upload_files(path)).raise_for_status()
+            http.append(load(server.url, names, prompts, args.concurrency, {}))
+        finally:
+            server.stop()
+    print(f"{args.dtype}, {args.concurrency} closed-loop clients, {n} requests")
+    print(f"engine in-process: {max(engine):8.1f} tokens/s  (runs {[round(x, 1) for x in engine]})")
+    print(f"over HTTP:         {max(http):8.1f} tokens/s  (runs {[round(x, 1) for x in http]})")
+    print(f"HTTP / in-process: {max(http) / max(engine):.2f}")
 
 
 if __name__ == "__main__":

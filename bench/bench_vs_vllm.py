@@ -72,7 +72,7 @@ def start_prefixserve(model: Path, dtype: str, tmp: Path, kv_cache_mb: float | N
     port = free_port()
     argv = [sys.executable, "-m", "prefixserve", "serve", "--model", str(model), "--dtype", dtype]
     argv += ["--port", str(port), "--adapter-dir", str(tmp / f"store-{dtype}-{kv_cache_mb}")]
-    argv += ["--max-total-tokens", "1024", "--max-queue-size", "1024"]
+    argv += ["--max-total-tokens", "1024", "--max-queue-size", "1024", "--max-concurrent-per-tenant", "1024"]
     if kv_cache_mb:
         argv += ["--kv-cache-mb", str(kv_cache_mb), "--max-virtual-tokens", "512"]
     return Server(argv, {}, port, tmp / f"prefixserve-{dtype}.log").wait(300)
@@ -105,7 +105,7 @@ def load(url: str, models: list[str], prompts: list[list[int]], concurrency: int
 
 
 def requests_for(concurrency: int) -> int:
-    return max(16, 2 * concurrency)  # every client thread sends at least two
+    return max(32, 4 * concurrency)  # every client thread sends at least four
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 
@@ -10,6 +11,12 @@ from prefixserve import __version__
 from prefixserve.training.cli import train_command
 
 app = typer.Typer(help="prefixserve: serve prefix-tuned language models.", no_args_is_help=True)
+
+# OpenMP workers that go to sleep between the ~1,000 small ops of a decode step pay a wake-up for each: a
+# token took 18.7 ms instead of 12.7 on 2 cores (bench/RESULTS.md). Spinning is bounded (~tens of ms), so an
+# idle server sleeps. Read by libgomp when torch loads, so set before any import of torch; a user's own
+# values win.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "20000000"}
 
 
 @app.command(
@@ -21,6 +28,8 @@ def serve(ctx: typer.Context) -> None:
 
     Run `prefixserve serve --help` for the full list.
     """
+    for name, value in OPENMP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     from pydantic import ValidationError
 
     from prefixserve.api.auth import KeyFileError

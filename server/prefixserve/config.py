@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description="Size of the KV block pool that all rows and active adapter prefixes share, in MB. "
-        "Default: 1024 on cpu; on cuda, 90% of the memory free after loading the model, less --adapter-cache-mb.",
+        "Default: 1024 on cpu; on cuda, 90% of the memory free after loading the model.",
     )
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
     max_queue_size: int = Field(
@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     # Adapters
     adapter_dir: Path = Field(Path("adapter-store"), description="Durable adapter store (a shared volume).")
     adapter_cache_mb: float = Field(
-        512.0, gt=0, description="Device memory for ready-to-use adapter prefixes (LRU by bytes)."
+        512.0,
+        gt=0,
+        description="Host memory for decoded adapter prefixes, ready to copy into the KV pool (LRU by bytes).",
     )
     max_virtual_tokens: int = Field(256, ge=1, description="Largest num_virtual_tokens an adapter may have.")
     max_adapter_mb: float = Field(64.0, gt=0, description="Largest adapter upload accepted, in MB.")

@@ -29,13 +29,14 @@ class Runtime:
 CPU_KV_CACHE_MB = 1024.0
 
 
-def default_kv_cache_mb(device: torch.device, adapter_cache_mb: float) -> float:
-    """On a GPU the pool takes what the model left (after the adapter cache, with headroom for activations);
-    on a CPU, where memory is shared with everything else, a fixed gigabyte."""
+def default_kv_cache_mb(device: torch.device) -> float:
+    """On a GPU the pool takes 90% of what the model left (the rest is headroom for activations); on a CPU,
+    where memory is shared with everything else, a fixed gigabyte. Adapter prefixes are cached in host
+    memory (--adapter-cache-mb) and take pool blocks only while rows use them."""
     if device.type != "cuda":
         return CPU_KV_CACHE_MB
     free, _ = torch.cuda.mem_get_info(device)
-    return max(64.0, 0.9 * free / 2**20 - adapter_cache_mb)
+    return max(64.0, 0.9 * free / 2**20)
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -45,11 +46,11 @@ def build_runtime(settings: Settings) -> Runtime:
     delta = check_prefix_serving(loaded)
     log.info("prefix self-check passed: max |dlogit| %.2e against transformers' DynamicCache path", delta)
     store = AdapterStore(settings.adapter_dir)
-    registry = AdapterRegistry(
+    registry = AdapterRegistry(  # host memory: the KV pool holds the one device copy of a running prefix
         store,
         loaded.kv_shape,
         loaded.dtype,
-        loaded.device,
+        torch.device("cpu"),
         cache_bytes=int(settings.adapter_cache_mb * 2**20),
         max_virtual_tokens=settings.max_virtual_tokens,
         refresh_seconds=settings.adapter_refresh_seconds,
@@ -61,7 +62,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_new_tokens=settings.max_new_tokens,
         default_max_new_tokens=settings.default_max_new_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
-        kv_cache_mb=settings.kv_cache_mb or default_kv_cache_mb(loaded.device, settings.adapter_cache_mb),
+        kv_cache_mb=settings.kv_cache_mb or default_kv_cache_mb(loaded.device),
         block_size=settings.block_size,
     )
     return Runtime(settings, loaded, store, registry, LLMEngine(loaded, registry, limits))

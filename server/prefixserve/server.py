@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from types import FrameType
 
 import uvicorn
@@ -34,6 +35,18 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def signal_from_main_thread(self, sig: int, frame: FrameType | None) -> None:
+        """Python runs signal handlers on the main thread, where the engine steps; the server's loop is on
+        another thread, so the signal is handed over to it."""
+        if self._loop is None:  # not serving yet: nothing to drain
+            raise KeyboardInterrupt
+        self._loop.call_soon_threadsafe(self.handle_exit, sig, frame)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._drain_task is None and not self.should_exit:
@@ -62,9 +75,10 @@ def load_keyring(settings: Settings) -> KeyRing | None:
 
 
 def run(settings: Settings) -> None:
+    """HTTP on a thread of its own, the engine's step loop on the main thread (see LLMEngine.run_loop)."""
     keyring = load_keyring(settings)
     runtime = build_runtime(settings)
-    app = create_app(runtime, keyring)
+    app = create_app(runtime, keyring, start_engine=False)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -72,4 +86,22 @@ def run(settings: Settings) -> None:
         log_config=None,
         timeout_graceful_shutdown=SHUTDOWN_SECONDS_AFTER_DRAIN,
     )
-    DrainingServer(config, app.state.server).run()
+    server = DrainingServer(config, app.state.server)
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # uvicorn exits (SystemExit) when it cannot bind
+            failure.append(exc)
+        finally:
+            runtime.engine.stop_accepting()  # the loop below returns once the last request is done
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.signal_from_main_thread)
+    http = threading.Thread(target=serve, name="prefixserve-http", daemon=True)
+    http.start()
+    runtime.engine.run_loop()
+    http.join()
+    if failure or not server.started:
+        raise SystemExit(1)

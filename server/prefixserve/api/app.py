@@ -151,12 +151,14 @@ def get_principal(request: Request) -> Principal:
     return principal
 
 
-def create_app(runtime: Runtime, keyring: KeyRing | None = None) -> FastAPI:
+def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: bool = True) -> FastAPI:
+    """With `start_engine=False` the caller runs the engine's loop itself (the server: on the main thread)."""
     state = ServerState(runtime, keyring)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.engine.start()
+        if start_engine:
+            runtime.engine.start()
         yield
         runtime.engine.stop_accepting()
         runtime.engine.cancel_all()

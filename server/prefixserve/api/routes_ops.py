@@ -42,6 +42,8 @@ def info(request: Request) -> dict[str, object]:
         "max_virtual_tokens": s.max_virtual_tokens,
         "max_adapter_mb": s.max_adapter_mb,
         "adapter_cache_mb": s.adapter_cache_mb,
+        "kv_cache_blocks": state.engine.pool.num_blocks,
+        "kv_block_size": state.engine.pool.block_size,
         "version": __version__,
         "router": "prefixserve",
     }

@@ -215,12 +215,15 @@ class LLMEngine:
             log.exception("output sink failed; cancelling request %d", seq.seq_id)
             seq.cancelled = True
 
-    # ----- the loop thread ----------------------------------------------------------------------------
+    # ----- the loop -----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
+        """Run the step loop on a thread of its own (tests, benchmarks, embedding the engine)."""
+        self._thread = threading.Thread(target=self.run_loop, name="prefixserve-engine", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def run_loop(self) -> None:
+        """Step until `stop_accepting()` was called and no work is left. The server calls this on the main
+        thread: oneDNN's kernels measured ~70% slower called from any other thread (bench/RESULTS.md)."""
         with torch.inference_mode():
             while True:
                 with self._wakeup:

@@ -28,9 +28,11 @@ class KVPool:
         self.dtype = dtype
         self.device = device
         size = (shape.num_kv_heads, num_blocks * block_size, shape.head_dim)
-        # Allocated whole up front: running out of memory at start-up beats failing rows later.
-        self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
-        self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        # Allocated whole up front: running out of memory at start-up beats failing rows later. Uninitialized:
+        # attention reads only slots a row has written (padding repeats a row's own first slot), and on a CPU
+        # the OS then commits pages as they are first used.
+        self.keys = [torch.empty(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        self.values = [torch.empty(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
 
     @classmethod
     def sized(

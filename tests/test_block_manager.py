@@ -1,0 +1,61 @@
+"""The KV block bookkeeping, without a model: prefixes stored once and shared, LRU reuse, no partial changes."""
+
+from __future__ import annotations
+
+from prefixserve.engine.block_manager import BlockManager, RowBlocks
+
+
+def test_rows_on_one_adapter_share_one_copy_of_its_prefix():
+    blocks = BlockManager(num_blocks=100, block_size=16)
+    rows = [RowBlocks() for _ in range(64)]
+    fills = [blocks.acquire_prefix(row, "cartridge", 512) for row in rows]
+    assert len(fills[0]) == 512 and all(f == [] for f in fills[1:])  # written once, then only pointed at
+    assert all(row.prefix_slots is rows[0].prefix_slots for row in rows)
+    assert blocks.num_used == 512 // 16
+
+
+def test_an_unused_prefix_stays_resident_until_its_blocks_are_needed():
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    a, b = RowBlocks(), RowBlocks()
+    assert blocks.acquire_prefix(a, "old", 8) and blocks.acquire_prefix(b, "new", 8)
+    blocks.free(a)
+    blocks.free(b)
+    assert blocks.num_free == 6  # unused prefixes count as free ...
+    again = RowBlocks()
+    assert blocks.acquire_prefix(again, "old", 8) == []  # ... and a request on one costs no copy
+    row = RowBlocks()
+    assert blocks.grow(row, 16)  # needs 4 blocks: "new" (unused) is evicted, "old" (in use) is not
+    assert blocks.prefix_cost("new", 8) == 2 and blocks.prefix_cost("old", 8) == 0
+
+
+def test_least_recently_used_prefix_is_evicted_first():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    for key in ("first", "second"):
+        row = RowBlocks()
+        blocks.acquire_prefix(row, key, 4)
+        blocks.free(row)
+    row = RowBlocks()
+    assert blocks.grow(row, 12)  # 3 blocks: both free blocks and one prefix's
+    assert blocks.acquire_prefix(RowBlocks(), "second", 4) == []  # kept: used more recently, no copy needed
+    assert blocks.acquire_prefix(RowBlocks(), "first", 4) is None  # evicted, and no block left to reload it
+
+
+def test_growing_past_the_pool_changes_nothing():
+    blocks = BlockManager(num_blocks=3, block_size=4)
+    row = RowBlocks()
+    assert blocks.grow(row, 8)
+    assert not blocks.grow(row, 17)  # 5 blocks: 2 more than exist
+    assert len(row.blocks) == 2 and len(row.slots) == 8 and blocks.num_free == 1
+    other = RowBlocks()
+    assert blocks.acquire_prefix(other, "big", 9) is None and other.prefix_key is None
+
+
+def test_slots_follow_blocks_and_freeing_returns_everything():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    row = RowBlocks()
+    blocks.acquire_prefix(row, "p", 3)
+    blocks.grow(row, 6)
+    assert row.slots == [b * 4 + o for b in row.blocks for o in range(4)]
+    assert not set(row.slots) & set(row.prefix_slots)
+    blocks.free(row)
+    assert blocks.num_free == 8 and row.blocks == [] and row.prefix_key is None
