@@ -71,11 +71,13 @@ def make_engine(
     return LLMEngine(loaded, registry, limits)
 
 
-def submit(engine: LLMEngine, prompt: str, adapter: str | None, **params) -> Collector:
+def submit(
+    engine: LLMEngine, prompt: str, adapter: str | None, tenant: str | None = None, **params
+) -> Collector:
     sink = Collector()
     ids = engine.loaded.tokenizer.encode(prompt)
     ref = (NAMESPACE, tuple(adapter.split("+"))) if adapter else None
-    sink.seq = engine.submit(ids, ref, SamplingParams(**params), sink)
+    sink.seq = engine.submit(ids, ref, SamplingParams(**params), sink, tenant)
     return sink
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,7 +23,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -43,6 +48,7 @@ class ServerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
+            cwd=cwd,
         )
 
     def wait_healthy(self, timeout: float = 90.0) -> ServerProcess:
@@ -73,6 +79,31 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
+
+
+@contextmanager
+def running(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A healthy server for the `with` block (a module fixture yields from inside it)."""
+    proc = ServerProcess(args, log_path, env)
+    try:
+        yield proc.wait_healthy()
+    finally:
+        proc.stop()
+
+
+def keyed_demo_server(tmp: Path, key: str, *args: str):
+    """`running` for the demo model with one API key (tenant `acme`), its store, keys and log under `tmp`."""
+    keys = tmp / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": key, "tenant": "acme"}]}))
+    return running(
+        ["--adapter-dir", str(tmp / "store"), "--api-keys-file", str(keys), *args], tmp / "server.log"
+    )
+
+
+def tiny_model_server(model_dir: Path, tmp: Path, *args: str):
+    """`running` for a tiny test model, its store and log under `tmp`."""
+    store = ["--adapter-dir", str(tmp / "store"), "--max-total-tokens", "256"]
+    return running(["--model", str(model_dir), *store, *args], tmp / "server.log")
 
 
 def upload_files(adapter_dir: Path) -> list[tuple[str, tuple[str, bytes, str]]]:

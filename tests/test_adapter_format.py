@@ -71,6 +71,34 @@ def test_valid_pair_is_accepted():
 def test_cartridge_is_accepted():
     adapter = upload(peft_files(peft_type="CARTRIDGE", num_frozen_tokens=1))
     validate_adapter(adapter, SHAPE, max_virtual_tokens=64)
+    assert adapter.peft_type == "CARTRIDGE" and adapter.num_virtual_tokens == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
+def test_unservable_dtypes_are_refused(dtype):
+    files = peft_files()
+    files["adapter_model.safetensors"] = save(
+        {"prompt_embeddings": torch.zeros(5, SHAPE.token_width, dtype=dtype)}
+    )
+    with pytest.raises(
+        InvalidAdapterError, match=f"has dtype {str(dtype).removeprefix('torch.')}; save it as one"
+    ):
+        upload(files)
+
+
+def test_values_that_overflow_the_served_dtype_are_refused():
+    files = peft_files()
+    files["adapter_model.safetensors"] = save({"prompt_embeddings": torch.full((5, SHAPE.token_width), 1e5)})
+    adapter = upload(files)
+    validate_adapter(adapter, SHAPE, 64, torch.float32)
+    with pytest.raises(InvalidAdapterError, match="values up to 1e\\+05, which overflow float16"):
+        validate_adapter(adapter, SHAPE, 64, torch.float16)
+
+
+def test_a_deeply_nested_config_is_refused():
+    files = {**peft_files(), "adapter_config.json": b"[" * 100_000 + b"]" * 100_000}
+    with pytest.raises(InvalidAdapterError, match="nested too deeply"):
+        upload(files)
 
 
 @pytest.mark.parametrize(
@@ -191,6 +219,13 @@ def test_size_limits():
     assert len(bomb) < 2_000
     with pytest.raises(AdapterTooLargeError, match="unpacks to more than"):
         read_upload([("bomb.zip", bomb)], max_bytes=20_000)
+    # A tar bomb is the same error (413 over HTTP), not an invalid adapter (422).
+    tar_bomb = _tar(
+        {"adapter_config.json": files["adapter_config.json"], "adapter_model.safetensors": b"\0" * 50_000}
+    )
+    assert len(tar_bomb) < 2_000
+    with pytest.raises(AdapterTooLargeError, match="unpacks to more than"):
+        read_upload([("bomb.tar.gz", tar_bomb)], max_bytes=20_000)
 
 
 def test_reads_a_peft_save_pretrained_directory(tmp_path: Path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 
 from prefixserve.demo import DEMO_MODEL_DIR
 from tests.server_process import ServerProcess, upload_files
@@ -132,6 +134,55 @@ def test_bad_uploads_get_4xx_and_leave_the_store_unchanged(server, versions):
         assert bad_id.status_code == 422 and bad_id.json()["error_type"] == "invalid_adapter_id"
 
 
+def test_a_damaged_store_over_http(server, versions):
+    store = server.log_path.parent / "store" / "default"
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        # A stored file changed on disk (another adapter's weights under this one's header) is never served.
+        assert c.put("/v1/adapters/tampered", files=upload_files(versions[0])).status_code == 201
+        c.put("/v1/adapters/donor", files=upload_files(versions[1]))
+        header = safe_open(str(store / "tampered.safetensors"), "pt").metadata()
+        weights = load_file(str(store / "donor.safetensors"))
+        save_file(weights, str(store / "tampered.safetensors"), metadata=header)
+        r = tokens_of(c, "tampered")
+        assert r.status_code == 422 and r.json()["error_type"] == "adapter_corrupt", r.text
+        assert "does not match the sha256 recorded" in r.json()["error"]
+        assert "refusing to serve it" in server.log()
+        # A corrupted file is replaced by a PUT (no DELETE needed).
+        (store / "tampered.safetensors").write_bytes(b"garbage")
+        replaced = c.put("/v1/adapters/tampered", files=upload_files(versions[2]))
+        assert replaced.status_code == 200, replaced.text
+        assert ids(tokens_of(c, "tampered")) == peft_generate(DEMO_MODEL_DIR, versions[2], PROMPT, 8)
+        # A directory where a file belongs: skipped in listings, a clear error on its own id.
+        (store / "odd.safetensors").mkdir()
+        listed = c.get("/v1/adapters")
+        assert listed.status_code == 200 and "odd" not in [a["id"] for a in listed.json()["data"]]
+        assert c.get("/v1/adapters/odd").status_code == 422
+        r = c.put("/v1/adapters/odd", files=upload_files(versions[0]))
+        assert r.status_code == 503 and "holds a directory" in r.json()["error"]
+        assert c.get("/v1/models").status_code == 200
+        assert ids(tokens_of(c, "tampered")) == peft_generate(DEMO_MODEL_DIR, versions[2], PROMPT, 8)
+
+
+def test_concurrent_puts_of_one_id(server, versions):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        sha = [
+            c.put(f"/v1/adapters/ref-{i}", files=upload_files(v)).json()["sha256"]
+            for i, v in enumerate(versions)
+        ]
+
+        def put(args):
+            round_, i = args
+            return i, c.put(f"/v1/adapters/race-{round_}", files=upload_files(versions[i % 3]))
+
+        with ThreadPoolExecutor(20) as pool:
+            for round_ in range(5):
+                answers = list(pool.map(put, [(round_, i) for i in range(20)]))
+                assert all(r.status_code in (200, 201) for _, r in answers), [r.text for _, r in answers]
+                assert sum(r.status_code == 201 for _, r in answers) == 1
+                assert all(r.json()["sha256"] == sha[i % 3] for i, r in answers)  # its own version, each
+                assert c.get(f"/v1/adapters/race-{round_}").json()["sha256"] in sha
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tenants")
@@ -218,6 +269,17 @@ def test_tenants_cannot_see_each_other(keyed_server, versions):
             c.get("/v1/adapters", headers={"Authorization": "Bearer wrong-key-0123456789"}).status_code == 401
         )
         assert c.post("/generate", json={"inputs": PROMPT}).status_code == 401
+        assert c.post("/", json={"inputs": PROMPT}).status_code == 401  # TGI's route; GET / is the console
+        assert c.get("/").headers["location"] == "/console/"
+        for page in (
+            "/console/",
+            "/console/console.js",
+            "/docs",
+            "/openapi.json",
+            "/static-offline-docs/swagger-ui.css",
+        ):
+            assert c.get(page).status_code == 200, page  # pages with no data in them need no key
+        assert c.post("/console/", json={}).status_code == 401 and c.get("/consoles").status_code == 401
         assert c.get("/v1/adapters", headers={**g, "X-Tenant": "acme"}).status_code == 403
         # An admin key manages any tenant.
         as_acme = {**auth("ops"), "X-Tenant": "acme"}
@@ -235,10 +297,18 @@ def test_tenants_cannot_see_each_other(keyed_server, versions):
         assert "acme" not in metrics_text and "support" not in metrics_text
 
 
-def test_non_loopback_without_keys_is_refused(tmp_path):
-    proc = ServerProcess(["--host", "0.0.0.0", "--adapter-dir", str(tmp_path / "s")], tmp_path / "log")
+@pytest.mark.parametrize(
+    ("args", "env", "where"),
+    [
+        (["--host", "0.0.0.0"], {}, "0.0.0.0"),
+        (["--host", ""], {}, "every interface"),  # an empty host binds every interface
+        ([], {"PREFIXSERVE_HOST": ""}, "every interface"),
+    ],
+)
+def test_non_loopback_without_keys_is_refused(tmp_path, args, env, where):
+    proc = ServerProcess([*args, "--adapter-dir", str(tmp_path / "s")], tmp_path / "log", env=env)
     try:
         assert proc.proc.wait(60) == 2
-        assert "refusing to serve 0.0.0.0 without API keys" in proc.log()
+        assert f"refusing to serve {where}" in proc.log() and "without API keys" in proc.log()
     finally:
         proc.stop()

@@ -150,8 +150,11 @@ def test_unknown_model_and_unsupported_fields_are_clear_errors(client):
             messages=[{"role": "user", "content": "x"}],
             tools=[{"type": "function", "function": {"name": "f"}}],
         )
-    with pytest.raises(openai.UnprocessableEntityError, match="presence_penalty"):
-        client.completions.create(model="pirate", prompt=PROMPT, presence_penalty=0.5)
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens: must be at least 1"):
+        client.completions.create(model="pirate", prompt=PROMPT, max_tokens=0)
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens must be between") as refused:
+        client.completions.create(model="pirate", prompt=PROMPT, max_tokens=10**6)
+    assert "max_new_tokens" not in str(refused.value)  # OpenAI's names on OpenAI's routes
 
 
 def test_composition_equals_peft_compose_cartridge_adapters(server, demo_adapters):
@@ -195,6 +198,9 @@ def test_every_endpoint_is_in_the_openapi_schema(server):
         "/v1/completions": "post",
         "/v1/chat/completions": "post",
         "/v1/models": "get",
+        "/v1/models/{model_id}": "get",
+        "/tokenize": "post",
+        "/detokenize": "post",
         "/v1/adapters": "post",
         "/v1/adapters/{adapter_id}": "put",
         "/health": "get",

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker" / "compose.yaml"
+COMPOSE_CPU = REPO / "docker" / "compose.cpu.yaml"
 HAPROXY_CFG = REPO / "docker" / "haproxy.cfg"
 
 
@@ -199,6 +200,35 @@ def test_compose_file_parses_and_matches_the_balancer():
     balancer = services["balancer"]
     assert any(m.startswith("./haproxy.cfg:") for m in balancer["volumes"])
     assert all(str(p).startswith("127.0.0.1:") for p in balancer["ports"])
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """Compose's merge tags: `!reset` empties a value of the file it overrides."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": loader.construct_mapping(node)})
+
+
+def test_cpu_override_drops_every_gpu_reservation_and_builds_the_cpu_wheel():
+    base = yaml.safe_load(COMPOSE.read_text())["services"]
+    override = yaml.load(COMPOSE_CPU.read_text(), Loader=ComposeLoader)["services"]
+    with_gpus = {name for name, service in base.items() if "deploy" in service}
+    assert set(override) == with_gpus  # every replica, and nothing else
+    for service in override.values():
+        assert service["deploy"] == {"!reset": {}}
+        index = service["build"]["args"]["TORCH_INDEX_URL"]
+        assert index == "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+        assert service["image"] != base["replica-1"]["image"]  # the CPU image does not replace the CUDA one
+    assert "docker compose -f docker/compose.yaml -f docker/compose.cpu.yaml up" in COMPOSE_CPU.read_text()
+
+
+def test_license_is_the_apache_2_text_that_pyproject_and_the_image_declare():
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
+    assert re.search(r'^license = "Apache-2.0"$', (REPO / "pyproject.toml").read_text(), re.M)
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in DOCKERFILE.read_text()
+    assert "!LICENSE" in (REPO / ".dockerignore").read_text()
 
 
 def test_haproxy_config_routes_by_adapter_with_checks_and_retries():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from prefixserve import metrics
 from prefixserve.demo import DEMO_MODEL_DIR
 from prefixserve.engine.detokenizer import OutputText
 from prefixserve.engine.errors import QueueFullError, RequestValidationError
@@ -79,7 +82,7 @@ def test_full_queue_is_a_typed_refusal(tmp_path):
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be between 1"),
         ({"max_new_tokens": 250}, "above max_total_tokens 256"),
-        ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature must be between 0.01 and 100.0"),
         ({"top_p": 1.5}, "top_p must be in"),
         ({"top_k": 0}, "top_k must be >= 1"),
         ({"stop": ("a", "b", "c", "d", "e")}, "at most 4"),
@@ -140,3 +143,58 @@ def test_a_request_larger_than_the_whole_pool_is_refused(tmp_path):
     blocks = engine.pool.num_blocks
     with pytest.raises(RequestValidationError, match="more than the whole KV cache holds"):
         submit(engine, "hello", None, max_new_tokens=blocks * 4)
+
+
+def test_a_tenant_is_not_stuck_behind_another_tenants_rows(tmp_path):
+    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", max_batch_size=2)
+    hog = [submit(engine, PROMPT, None, tenant="a", max_new_tokens=40, ignore_eos=True) for _ in range(4)]
+    engine.step()
+    short = submit(engine, "Hello", None, tenant="b", max_new_tokens=5, ignore_eos=True)
+    while short.finish_reason is None:
+        engine.step()
+    assert len(short.tokens) == 5 and not any(s.finish_reason for s in hog)
+    run_until_idle(engine)
+    assert [len(s.tokens) for s in hog] == [40] * 4
+
+
+def test_the_batch_size_gauge_drops_to_zero_when_idle(engine):
+    submit(engine, PROMPT, None, max_new_tokens=3)
+    engine.step()
+    assert metrics.BATCH_SIZE._value.get() == 1
+    run_until_idle(engine)
+    assert metrics.BATCH_SIZE._value.get() == 0
+
+
+def _cut_at_first_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The reference: grow the text a character at a time; at the first character that ends a stop sequence,
+    cut before the longest one ending there."""
+    for i in range(1, len(text) + 1):
+        ended = [len(s) for s in stops if text[:i].endswith(s)]
+        if ended:
+            return text[: i - max(ended)], True
+    return text, False
+
+
+def test_stop_matching_agrees_with_the_reference_on_random_texts(engine):
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 40)))
+        stops = tuple(
+            {"".join(rng.choice("ab ") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))}
+        )
+        out = OutputText(engine.loaded.tokenizer, stops)
+        released, at = "", 0
+        while at < len(text) and not out.stopped:  # arbitrary chunks, as tokens decode
+            step = rng.randint(1, 4)
+            out._extend(text[at : at + step])
+            released += out._release()
+            at += step
+            for stop in stops:
+                assert stop not in released
+        released += out.finish()
+        assert (released, out.stopped) == _cut_at_first_stop(text, stops), (text, stops)
+
+
+def test_long_stop_sequences_are_refused(engine):
+    with pytest.raises(RequestValidationError, match="at most 256 characters"):
+        submit(engine, PROMPT, None, max_new_tokens=4, stop=("x" * 257,))

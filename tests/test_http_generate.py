@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess, upload_files
+from tests.server_process import tiny_model_server, upload_files
 from tests.tiny_models import peft_generate
 
 REQUESTS = [
@@ -22,22 +22,8 @@ REQUESTS = [
 
 @pytest.fixture(scope="module")
 def llama_server(tiny_model_dirs, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("http")
-    server = ServerProcess(
-        [
-            "--model",
-            str(tiny_model_dirs["llama"]),
-            "--adapter-dir",
-            str(tmp / "store"),
-            "--max-total-tokens",
-            "256",
-        ],
-        tmp / "server.log",
-    )
-    try:
-        yield server.wait_healthy()
-    finally:
-        server.stop()
+    with tiny_model_server(tiny_model_dirs["llama"], tmp_path_factory.mktemp("http")) as server:
+        yield server
 
 
 def test_upload_then_concurrent_mixed_requests_equal_peft(llama_server, tiny_model_dirs, adapter_dirs):
@@ -80,6 +66,33 @@ def test_header_selects_the_adapter(llama_server, tiny_model_dirs, adapter_dirs)
     assert [t["id"] for t in r.json()["details"]["tokens"]] == peft_generate(
         tiny_model_dirs["llama"], adapters["rand8"], "Hello", 6
     )
+
+
+def test_a_header_that_disagrees_with_the_body_is_refused(llama_server, adapter_dirs):
+    with httpx.Client(base_url=llama_server.url, timeout=60) as client:
+        client.put("/v1/adapters/rand8", files=upload_files(adapter_dirs["llama"]["rand8"]))
+        body = {"inputs": "Hello", "parameters": {"adapter_id": "rand8", "max_new_tokens": 2}}
+        for route in ("/generate", "/generate_stream", "/"):
+            r = client.post(route, json=body, headers={"X-Adapter-Id": "other"})
+            assert r.status_code == 422, (route, r.text)
+            assert "X-Adapter-Id header ('other') and parameters.adapter_id ('rand8')" in r.json()["error"]
+        assert client.post("/generate", json=body, headers={"X-Adapter-Id": "rand8"}).status_code == 200
+
+
+def test_hub_style_ids_get_a_422_that_says_why(llama_server, adapter_dirs):
+    with httpx.Client(base_url=llama_server.url, timeout=60) as client:
+        for method in ("PUT", "GET", "DELETE"):
+            r = client.request(method, "/v1/adapters/acme/pirate")
+            assert r.status_code == 422, (method, r.text)
+            assert r.json()["error_type"] == "invalid_adapter_id"
+            assert "'/' is not allowed" in r.json()["error"] and "'acme--pirate'" in r.json()["error"]
+        r = client.put("/v1/adapters/acme%2Fpirate", files=upload_files(adapter_dirs["llama"]["rand8"]))
+        assert r.status_code == 422 and "'/' is not allowed" in r.json()["error"]
+        r = client.post("/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "acme/pirate"}})
+        assert r.status_code == 422 and "'/' is not allowed" in r.json()["error"]
+        r = client.post("/v1/completions", json={"model": "acme/pirate", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 422 and "'/' is not allowed" in r.json()["error"]["message"]
+        assert client.get("/v1/adapters/").status_code != 422  # a trailing slash is not an id
 
 
 def test_errors_are_json_with_type(llama_server):

@@ -11,7 +11,7 @@ import pytest
 from prefixserve.api.app import ServerState
 from prefixserve.api.auth import KeyFileError, KeyRing
 from prefixserve.api.errors import APIError
-from prefixserve.logging_setup import JsonFormatter
+from prefixserve.logging_setup import JsonFormatter, PlainFormatter
 
 
 def test_json_log_lines():
@@ -22,6 +22,21 @@ def test_json_log_lines():
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "POST /generate -> 200" and line["request_id"] == "abc123"
     assert line["level"] == "INFO" and line["time"].endswith("Z")
+
+
+def test_plain_log_lines_escape_control_characters():
+    record = logging.LogRecord(
+        "prefixserve.access",
+        logging.INFO,
+        __file__,
+        1,
+        "GET %s -> %d",
+        ("/x\nFORGED 200\r\x1b[31m\ud800", 404),
+        None,
+    )
+    line = PlainFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "INFO GET /x\\x0aFORGED 200\\x0d\\x1b[31m\\ud800 -> 404"
+    assert "\n" not in line
 
 
 def test_chat_without_a_template_is_a_422():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, MistralConfig, T5Config, T5ForConditionalGeneration
 
-from prefixserve.engine.errors import UnsupportedModelError
+from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_loader import check_servable, kv_shape_of, load_model, resolve_device
 from prefixserve.engine.self_check import check_prefix_serving
@@ -18,6 +20,24 @@ def test_encoder_decoder_is_refused(tmp_path):
     ).save_pretrained(tmp_path / "t5")
     with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
         load_model(str(tmp_path / "t5"), "cpu", "float32", 128)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"model_type": "nonsense"},
+            "cannot load --model {path}: The checkpoint you are trying to load has model type",
+        ),
+        ({"model_type": "gpt2"}, "cannot load the weights of --model {path}: "),
+    ],
+)
+def test_a_directory_that_does_not_load_is_one_line_saying_what_failed(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as failure:
+        load_model(str(tmp_path), "cpu", "float32", 128)
+    text = str(failure.value)
+    assert text.startswith(message.format(path=tmp_path)) and "\n" not in text
 
 
 def test_hybrid_cache_is_refused():

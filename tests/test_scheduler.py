@@ -29,9 +29,11 @@ def prefix(name: str, t: int) -> LoadedPrefix:
     return LoadedPrefix("ns", (name,), (name,), torch.zeros(1, 2, 1, t, 1))
 
 
-def make_seq(tokenizer, prompt_len: int, new: int, adapter: LoadedPrefix | None = None) -> Sequence:
+def make_seq(
+    tokenizer, prompt_len: int, new: int, adapter: LoadedPrefix | None = None, tenant: str = ""
+) -> Sequence:
     seq = Sequence(
-        list(range(5, 5 + prompt_len)), SamplingParams(max_new_tokens=new), adapter, lambda e: None
+        list(range(5, 5 + prompt_len)), SamplingParams(max_new_tokens=new), adapter, lambda e: None, tenant
     )
     seq.text = OutputText(tokenizer, ())
     return seq
@@ -92,7 +94,7 @@ def test_a_full_pool_preempts_the_newest_row_which_is_recomputed_later(tokenizer
         step(s)  # each needs a second block after its 4th token, a third after its 8th
     out, _ = step(s)
     assert out.preempted == [new] and new.status is SequenceStatus.WAITING and new.num_computed == 0
-    assert s.waiting[0] is new and [r.seq for r in out.rows] == [old]
+    assert s.waiting.peek() is new and [r.seq for r in out.rows] == [old]
     generated = list(new.output_ids)
     while old.status is not SequenceStatus.FINISHED:
         step(s)
@@ -122,3 +124,34 @@ def test_cancelled_rows_leave_at_the_next_step(tokenizer):
     assert set(s.take_cancelled()) == {running, waiting}
     assert not s.has_work() and s.blocks.num_free == 10
     assert running.finish_reason is FinishReason.CANCELLED
+
+
+def test_waiting_tenants_take_turns(tokenizer):
+    s = scheduler(blocks=100, rows=1)
+    seqs = [make_seq(tokenizer, 3, 1, tenant=t) for t in "AAABBC"]
+    for seq in seqs:
+        s.add(seq)
+    order = []
+    while s.has_work():
+        out, _ = step(s)
+        order += [r.seq.tenant for r in out.rows]
+    assert "".join(order) == "ABCABA"
+
+
+def test_a_tenant_without_rows_gets_one_from_the_tenant_holding_them_all(tokenizer):
+    s = scheduler(blocks=100, rows=4)
+    hog = [make_seq(tokenizer, 4, 16, tenant="A") for _ in range(8)]
+    for seq in hog:
+        s.add(seq)
+    step(s)
+    assert [r.tenant for r in s.running] == ["A"] * 4 and len(s.waiting) == 4
+    s.add(short := make_seq(tokenizer, 4, 5, tenant="B"))
+    out, _ = step(s)
+    assert short in [r.seq for r in out.rows] and out.preempted == [hog[3]]  # A's newest row made room
+    while short.status is not SequenceStatus.FINISHED:
+        out, _ = step(s)
+        assert not out.preempted or short not in out.preempted  # B's only row is never the one pushed out
+    assert short.output_ids == [7] * 5 and not any(seq.is_finished for seq in hog)
+    while s.has_work():
+        step(s)
+    assert all(len(seq.output_ids) == 16 for seq in hog)

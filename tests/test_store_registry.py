@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -9,9 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from prefixserve import metrics
-from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError, InvalidAdapterIdError
+from prefixserve.adapters.errors import (
+    AdapterIntegrityError,
+    AdapterNotFoundError,
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+    StoreError,
+    StoreFullError,
+)
 from prefixserve.adapters.format import embeddings_to_kv, read_upload
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store import AdapterStore
@@ -66,7 +75,7 @@ def test_a_crash_mid_write_leaves_the_old_version(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="the adapter store failed"):
         store.put("default", "a", adapter())
     monkeypatch.undo()
     assert store.info("default", "a").sha256 == old.sha256
@@ -132,3 +141,101 @@ def test_composition_concatenates_in_order_and_is_bounded(tmp_path):
 def test_missing_adapter(tmp_path):
     with pytest.raises(AdapterNotFoundError, match="PUT /v1/adapters/nope"):
         registry(tmp_path).get("default", ("nope",))
+
+
+def test_a_file_changed_on_disk_is_never_served(tmp_path):
+    reg = registry(tmp_path)
+    reg.put("default", "a", adapter())
+    reg.put("default", "b", other := adapter())
+    path = tmp_path / "default" / "a.safetensors"
+    metadata = AdapterStore(tmp_path).info("default", "a")
+    with open(path, "rb") as fh:  # a's header (id, sha256) kept, b's weights put in
+        header = __import__("safetensors").safe_open(fh.name, "pt").metadata()
+    save_file({"prompt_embeddings": other.embeddings}, str(path), metadata=header)
+    with pytest.raises(AdapterIntegrityError, match=f"does not match the sha256 recorded.*{metadata.sha256}"):
+        reg.get("default", ("a",))
+    assert torch.equal(load_file(str(path))["prompt_embeddings"], other.embeddings)
+    assert reg.get("default", ("b",)).num_virtual_tokens == 5  # other adapters unaffected
+
+
+def test_a_corrupted_stored_file_is_replaced_by_a_put(tmp_path):
+    reg = registry(tmp_path)
+    old, _ = reg.put("default", "a", adapter())
+    (tmp_path / "default" / "a.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InvalidAdapterError, match="unreadable"):
+        reg.get("default", ("a",))
+    info, created = reg.put("default", "a", new := adapter())
+    assert not created and info.sha256 != old.sha256
+    assert torch.equal(reg.store.load("default", "a")[0].embeddings, new.embeddings)
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "message"),
+    [
+        (errno.ENOSPC, StoreFullError, "the adapter store is full"),
+        (errno.EDQUOT, StoreFullError, "the adapter store is full"),
+        (errno.EROFS, StoreError, "read-only"),
+        (errno.EACCES, StoreError, "read-only or not writable"),
+        (errno.EIO, StoreError, "the adapter store failed"),
+    ],
+)
+def test_storage_faults_are_typed_and_keep_the_old_version(tmp_path, monkeypatch, code, error, message):
+    store = AdapterStore(tmp_path)
+    old, _ = store.put("default", "a", adapter())
+
+    def fail(*args):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(error, match=message):
+        store.put("default", "a", adapter())
+    with pytest.raises(error, match=message):
+        store.put("other-tenant", "new", adapter())
+    monkeypatch.undo()
+    assert store.load("default", "a")[1].sha256 == old.sha256
+    assert not list(tmp_path.glob("*/.tmp-*")), "temp file left behind"
+
+
+def test_a_directory_in_the_store_is_skipped(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.put("default", "a", adapter())
+    (tmp_path / "default" / "x.safetensors").mkdir()
+    assert [i.adapter_id for i in store.list("default")] == ["a"]
+    with pytest.raises(InvalidAdapterError, match="not a file"):
+        store.info("default", "x")
+    with pytest.raises(InvalidAdapterError, match="not a file"):
+        store.load("default", "x")
+    with pytest.raises(StoreError, match="holds a directory where its file belongs"):
+        store.put("default", "x", adapter())
+    with pytest.raises(StoreError, match="holds a directory"):
+        store.delete("default", "x")
+    assert store.load("default", "a")[0].num_virtual_tokens == 5
+
+
+def _put_at_once(reg: AdapterRegistry, adapter_id: str, versions: list) -> list:
+    """Every version stored by its own thread, all released at the same moment."""
+    barrier = threading.Barrier(len(versions))
+    results: list = [None] * len(versions)
+
+    def put(i: int) -> None:
+        barrier.wait()
+        results[i] = reg.put("default", adapter_id, versions[i])
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(len(versions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_puts_of_one_id_each_describe_their_own_version(tmp_path):
+    reg = registry(tmp_path)
+    for round_ in range(5):
+        versions = [adapter() for _ in range(20)]
+        results = _put_at_once(reg, f"same-{round_}", versions)
+        assert sum(created for _, created in results) == 1, round_  # one writer created it, the rest replaced
+        shas = {info.sha256 for info, _ in results}
+        assert len(shas) == len(versions)  # each answer is the version its own writer stored
+        loaded, info, _ = reg.store.load("default", f"same-{round_}")
+        assert info.sha256 in shas

@@ -25,9 +25,11 @@ from prefixserve.engine.self_check import run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from prefixserve.training import TrainingError, train_adapter, upload_adapter
 from prefixserve.training.data import IGNORE_INDEX, PadCollator, load_rows, split_examples, tokenize_rows
+from prefixserve.training.defaults import DEFAULT_MIN_STEPS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # inside PEFT
 
+REPO = Path(__file__).resolve().parent.parent
 TARGET = " Arr, matey! Hoist the sails"
 TRAIN_PROMPTS = ["The cat sat", "Hello", "The weather today", "Once upon a time"]
 EVAL_PROMPTS = ["Mountains rise", "Bake the bread"]
@@ -175,6 +177,25 @@ def test_text_init_is_peft_initialize_kv_prefix_from_text_and_acts_as_that_text(
             torch.tensor([text_ids + prompt_ids]), max_new_tokens=8, do_sample=False
         )
     assert greedy(peft_model, tok, " The cat", 8) == whole[0, len(text_ids) + len(prompt_ids) :].tolist()
+
+
+def test_the_default_options_learn_a_small_data_set(tmp_path, tok):
+    """No --learning-rate, --epochs or --max-steps (issue 12): 30 rows of adapters/data/pirate.jsonl."""
+    data = REPO / "adapters" / "data"
+    result = train_adapter(
+        "tiny",
+        data / "pirate.jsonl",
+        tmp_path / "pirate",
+        eval_file=data / "pirate_eval.jsonl",
+        progress=False,
+    )
+    assert result.steps == DEFAULT_MIN_STEPS  # 30 rows are 4 steps an epoch: 3 epochs would be 12 steps
+    assert result.train_loss_after < 0.85 * result.train_loss_before  # measured 6.832 -> 5.635
+    assert result.eval_loss_after < 0.85 * result.eval_loss_before and not result.warnings
+    adapted = PeftModel.from_pretrained(base_model(), tmp_path / "pirate").eval()
+    held_out = [json.loads(line)["prompt"] for line in (data / "pirate_eval.jsonl").read_text().splitlines()]
+    texts = [tok.decode(greedy(adapted, tok, p, 8), skip_special_tokens=True) for p in held_out]
+    assert sum(t.startswith(" Arr, matey!") for t in texts) >= 4, texts  # prompts it never saw
 
 
 def test_a_loss_that_barely_moves_warns_with_the_likely_cause(tmp_path):
@@ -328,14 +349,22 @@ def test_trained_adapter_uploaded_to_a_running_server_generates_like_peft(traine
     from tests.server_process import ServerProcess
 
     _, adapter_dir = trained
-    server = ServerProcess(["--model", "tiny", "--adapter-dir", str(tmp_path / "store")], tmp_path / "log")
+    key = "train-upload-key-0123456789"
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": key, "tenant": "t"}]}))
+    args = ["--model", "tiny", "--adapter-dir", str(tmp_path / "store"), "--api-keys-file", str(keys)]
+    server = ServerProcess(args, tmp_path / "log")
     try:
         server.wait_healthy()
-        reply = upload_adapter(adapter_dir, server.url, "pirate")
+        check_cli_upload_preflight(server.url, key, tmp_path)
+        reply = upload_adapter(adapter_dir, server.url, "pirate", api_key=key)
         assert reply["id"] == "pirate" and reply["num_virtual_tokens"] == 10
         params = {"adapter_id": "pirate", "max_new_tokens": 12, "details": True}
         r = httpx.post(
-            f"{server.url}/generate", json={"inputs": "Mountains rise", "parameters": params}, timeout=60
+            f"{server.url}/generate",
+            json={"inputs": "Mountains rise", "parameters": params},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
         )
     finally:
         server.stop()
@@ -343,6 +372,29 @@ def test_trained_adapter_uploaded_to_a_running_server_generates_like_peft(traine
     peft_model = PeftModel.from_pretrained(base_model(), adapter_dir).eval()
     assert [t["id"] for t in r.json()["details"]["tokens"]] == greedy(peft_model, tok, "Mountains rise", 12)
     assert r.json()["generated_text"] == TARGET
+
+
+def check_cli_upload_preflight(url: str, key: str, tmp_path: Path) -> None:
+    """`--upload` with a server that is down, or a missing or wrong key, fails before training starts."""
+    import typer
+
+    from prefixserve.training.cli import train_command
+    from tests.server_process import free_port
+
+    app = typer.Typer()
+    app.command()(train_command)
+    data = write_jsonl(tmp_path / "d.jsonl", rows(TRAIN_PROMPTS))
+    common = ["--model", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), "--adapter-id", "p"]
+    cases = [
+        (["--upload", f"http://127.0.0.1:{free_port()}"], "cannot reach the server"),
+        (["--upload", url], "the server wants an API key (HTTP 401"),
+        (["--upload", url, "--api-key", "wrong-key-0123456789"], "the server refused the API key (HTTP 401"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, [*common, *args], env={"PREFIXSERVE_API_KEY": ""})
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "Nothing was trained" in result.output
+        assert "train loss" not in result.output and not (tmp_path / "o").exists()
 
 
 EXAMPLES = {  # what adapters/README.md shows, on prompts that are in none of their training files

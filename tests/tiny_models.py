@@ -133,3 +133,14 @@ def peft_last_logits(base_path: Path, adapter_dir: Path | None, prompt: str) -> 
     enc = tokenizer(base_path)(prompt, return_tensors="pt")
     with torch.no_grad():
         return model(**enc).logits[0, -1].float()
+
+
+def peft_logprobs(base_path: Path, adapter_dir: Path | None, token_ids: list[int]) -> torch.Tensor:
+    """The oracle's log-softmax at every position of `token_ids` (row i predicts token i+1), prefix in place."""
+    model = load_base(base_path)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)

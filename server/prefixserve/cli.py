@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import typer
 
 from prefixserve import __version__
 from prefixserve.training.cli import train_command
 
-app = typer.Typer(help="prefixserve: serve prefix-tuned language models.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from prefixserve.config import Settings
+
+# Click's plain help (rich_markup_mode=None): it wraps descriptions to the terminal and never cuts an
+# option name short, where rich's help tables truncated `train`'s long option names at 80 and 120 columns.
+app = typer.Typer(
+    help="prefixserve: serve prefix-tuned language models.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},  # click's default stops at 80 even on a wider terminal
+)
 
 # OpenMP workers that go to sleep between the ~1,000 small ops of a decode step pay a wake-up for each: a
 # token took 18.7 ms instead of 12.7 on 2 cores (bench/RESULTS.md). Spinning is bounded (~tens of ms), so an
@@ -28,30 +39,48 @@ def serve(ctx: typer.Context) -> None:
 
     Run `prefixserve serve --help` for the full list.
     """
+    if "--help" in ctx.args or "-h" in ctx.args:
+        from prefixserve.settings_help import settings_help
+
+        typer.echo(settings_help(), nl=False)
+        return
     for name, value in OPENMP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    settings = _parse_settings(ctx.args)
+    from prefixserve.logging_setup import setup_logging
+    from prefixserve.startup import StartupError, bind_socket, locate_model
+
+    setup_logging(settings.json_logs)
+    try:
+        # Both before torch is imported and the model loaded: a busy port or a wrong --model fails at once.
+        sock = bind_socket(settings.host, settings.port)
+        locate_model(settings.model, f"http://{settings.host}:{settings.port}")
+        from prefixserve.api.auth import KeyFileError
+        from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
+        from prefixserve.server import run
+
+        try:
+            run(settings, sock)
+        except (KeyFileError, UnsupportedModelError, ModelLoadError) as exc:
+            raise StartupError(str(exc)) from None
+    except StartupError as exc:
+        typer.echo(f"prefixserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _parse_settings(args: list[str]) -> Settings:
     from pydantic import ValidationError
 
-    from prefixserve.api.auth import KeyFileError
     from prefixserve.config import Settings
-    from prefixserve.engine.errors import UnsupportedModelError
-    from prefixserve.logging_setup import setup_logging
-    from prefixserve.server import StartupError, run
 
     try:
-        settings = Settings(_cli_parse_args=list(ctx.args))
+        return Settings(_cli_parse_args=list(args))
     except ValidationError as exc:
         for err in exc.errors():
             field = (
                 "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else "settings"
             )
             typer.echo(f"invalid configuration: {field}: {err['msg']}", err=True)
-        raise typer.Exit(2) from None
-    setup_logging(settings.json_logs)
-    try:
-        run(settings)
-    except (StartupError, KeyFileError, UnsupportedModelError) as exc:
-        typer.echo(f"prefixserve: {exc}", err=True)
         raise typer.Exit(2) from None
 
 

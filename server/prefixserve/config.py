@@ -8,6 +8,40 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The sections of `prefixserve serve --help`, in order; tests check that every setting is in exactly one.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "model_name", "device", "dtype", "num_threads"),
+    "limits": (
+        "max_batch_size",
+        "kv_cache_mb",
+        "block_size",
+        "max_queue_size",
+        "max_total_tokens",
+        "max_input_tokens",
+        "max_new_tokens",
+        "default_max_new_tokens",
+        "max_prefill_tokens",
+        "max_request_mb",
+    ),
+    "adapters": (
+        "adapter_dir",
+        "adapter_cache_mb",
+        "max_virtual_tokens",
+        "max_adapter_mb",
+        "adapter_refresh_seconds",
+    ),
+    "HTTP and access": (
+        "host",
+        "port",
+        "json_logs",
+        "cors_allow_origins",
+        "api_keys_file",
+        "allow_anonymous",
+        "max_concurrent_per_tenant",
+        "drain_seconds",
+    ),
+}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -65,7 +99,11 @@ class Settings(BaseSettings):
     )
 
     # Adapters
-    adapter_dir: Path = Field(Path("adapter-store"), description="Durable adapter store (a shared volume).")
+    adapter_dir: Path = Field(
+        Path("adapter-store"),
+        description="Durable adapter store (a shared volume for several replicas); a relative path is taken "
+        "from the current directory (the absolute path is logged at start-up).",
+    )
     adapter_cache_mb: float = Field(
         512.0,
         gt=0,
@@ -73,6 +111,12 @@ class Settings(BaseSettings):
     )
     max_virtual_tokens: int = Field(256, ge=1, description="Largest num_virtual_tokens an adapter may have.")
     max_adapter_mb: float = Field(64.0, gt=0, description="Largest adapter upload accepted, in MB.")
+    max_request_mb: float = Field(
+        2.0,
+        gt=0,
+        description="Largest request body other than an adapter upload (generation, from_text), in MB; "
+        "counted as it streams in, chunked bodies too.",
+    )
     adapter_refresh_seconds: float = Field(
         2.0,
         ge=0,
@@ -84,6 +128,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
     json_logs: bool = Field(False, description="Log one JSON object per line.")
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (CORS), e.g. https://app.example.com; "
+        "'*' for any. Off by default.",
+    )
     api_keys_file: Path | None = Field(
         None,
         description="JSON file of API keys and their tenants. Required when binding a non-loopback address, "

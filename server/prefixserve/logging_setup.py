@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# Line breaks, other control characters and lone surrogates, as they may come in a decoded request path
+# (`%0a`): written raw, they would forge log lines or break the stream's encoding.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def escape_unsafe(text: str) -> str:
+    return _UNSAFE.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,6 +36,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
+    """One line per record: the message's control characters are escaped (a traceback still follows)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.message = escape_unsafe(record.message)
+        return super().formatMessage(safe)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         rid = getattr(record, "request_id", None)

@@ -46,6 +46,10 @@ def build_runtime(settings: Settings) -> Runtime:
     delta = check_prefix_serving(loaded)
     log.info("prefix self-check passed: max |dlogit| %.2e against transformers' DynamicCache path", delta)
     store = AdapterStore(settings.adapter_dir)
+    relative = (
+        "" if settings.adapter_dir.is_absolute() else " (--adapter-dir is relative to the current directory)"
+    )
+    log.info("adapter store: %s%s", settings.adapter_dir.resolve(), relative)
     registry = AdapterRegistry(  # host memory: the KV pool holds the one device copy of a running prefix
         store,
         loaded.kv_shape,

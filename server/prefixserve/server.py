@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 from types import FrameType
 
@@ -14,6 +15,7 @@ from prefixserve.api.app import ServerState, create_app
 from prefixserve.api.auth import KeyRing, is_loopback
 from prefixserve.config import Settings
 from prefixserve.runtime import build_runtime
+from prefixserve.startup import StartupError, bind_socket
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +23,6 @@ log = logging.getLogger(__name__)
 # After the drain, uvicorn gives open connections this long to close before the process exits; an
 # orchestrator's grace period must cover preStop + drain + this.
 SHUTDOWN_SECONDS_AFTER_DRAIN = 5
-
-
-class StartupError(Exception):
-    pass
 
 
 class DrainingServer(uvicorn.Server):
@@ -66,16 +64,21 @@ def load_keyring(settings: Settings) -> KeyRing | None:
         log.info("API keys loaded from %s: multi-tenant mode", settings.api_keys_file)
         return keyring
     if not is_loopback(settings.host) and not settings.allow_anonymous:
+        where = settings.host or "every interface (empty --host)"
         raise StartupError(
-            f"refusing to serve {settings.host} without API keys: pass --api-keys-file (PREFIXSERVE_API_KEYS_FILE), "
+            f"refusing to serve {where} without API keys: pass --api-keys-file (PREFIXSERVE_API_KEYS_FILE), "
             "or --allow-anonymous to accept anyone"
         )
     log.warning("no API keys: anonymous single-tenant mode (every client shares one adapter namespace)")
     return None
 
 
-def run(settings: Settings) -> None:
-    """HTTP on a thread of its own, the engine's step loop on the main thread (see LLMEngine.run_loop)."""
+def run(settings: Settings, sock: socket.socket | None = None) -> None:
+    """HTTP on a thread of its own, the engine's step loop on the main thread (see LLMEngine.run_loop).
+
+    `sock`: the address, already bound (`bind_socket`), so that a busy port is found before the model loads.
+    """
+    sock = sock or bind_socket(settings.host, settings.port)
     keyring = load_keyring(settings)
     runtime = build_runtime(settings)
     app = create_app(runtime, keyring, start_engine=False)
@@ -91,7 +94,7 @@ def run(settings: Settings) -> None:
 
     def serve() -> None:
         try:
-            server.run()
+            server.run(sockets=[sock])
         except BaseException as exc:  # uvicorn exits (SystemExit) when it cannot bind
             failure.append(exc)
         finally:

@@ -38,3 +38,21 @@ class AdapterNotFoundError(AdapterError):
 
 class InvalidAdapterIdError(AdapterError):
     error_type = "invalid_adapter_id"
+
+
+class AdapterIntegrityError(InvalidAdapterError):
+    """A stored file whose content no longer matches the sha256 recorded when it was uploaded."""
+
+    error_type = "adapter_corrupt"
+
+
+class StoreError(AdapterError):
+    """The adapter store cannot be written or read (read-only, I/O error): 503, the server is otherwise fine."""
+
+    error_type = "store_unavailable"
+
+
+class StoreFullError(StoreError):
+    """No space left in the adapter store: 507 Insufficient Storage."""
+
+    error_type = "store_full"

@@ -28,6 +28,7 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 TENSOR_NAME = "prompt_embeddings"
 SUPPORTED_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 MAX_ARCHIVE_MEMBERS = 64
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ def parse_config(raw: bytes) -> dict[str, Any]:
         config = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidAdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidAdapterError(
+            f"{CONFIG_NAME} is nested too deeply to read; a PEFT config is a flat JSON object"
+        ) from None
     if not isinstance(config, dict):
         raise InvalidAdapterError(f"{CONFIG_NAME} must hold a JSON object")
     peft_type = config.get("peft_type")
@@ -128,15 +133,19 @@ def parse_weights(raw: bytes) -> torch.Tensor:
         raise InvalidAdapterError(
             f"{WEIGHTS_NAME}: '{TENSOR_NAME}' must be 2-D [num_virtual_tokens, width], got {tuple(embeddings.shape)}"
         )
-    if not embeddings.is_floating_point():
+    if embeddings.dtype not in WEIGHT_DTYPES:  # float8 and integers: not what PEFT saves, and unservable
+        names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
         raise InvalidAdapterError(
-            f"{WEIGHTS_NAME}: '{TENSOR_NAME}' must be floating point, got {embeddings.dtype}"
+            f"{WEIGHTS_NAME}: '{TENSOR_NAME}' has dtype {str(embeddings.dtype).removeprefix('torch.')}; "
+            f"save it as one of {names}"
         )
     return embeddings
 
 
-def validate_adapter(adapter: PrefixAdapter, shape: KVShape, max_virtual_tokens: int) -> None:
-    """Check that `adapter` can be served exactly on a base model of this `shape`."""
+def validate_adapter(
+    adapter: PrefixAdapter, shape: KVShape, max_virtual_tokens: int, dtype: torch.dtype | None = None
+) -> None:
+    """Check that `adapter` can be served exactly on a base model of this `shape` (and `dtype`, if given)."""
     cfg = adapter.config
     t_config, t_tensor = cfg["num_virtual_tokens"], adapter.num_virtual_tokens
     if t_tensor != t_config:
@@ -170,6 +179,13 @@ def validate_adapter(adapter: PrefixAdapter, shape: KVShape, max_virtual_tokens:
         )
     if not bool(torch.isfinite(adapter.embeddings).all()):
         raise InvalidAdapterError(f"'{TENSOR_NAME}' holds NaN or infinite values; the adapter is corrupt")
+    if dtype is not None and not bool(torch.isfinite(adapter.embeddings.to(dtype)).all()):
+        largest = float(adapter.embeddings.abs().max())
+        raise InvalidAdapterError(
+            f"'{TENSOR_NAME}' holds values up to {largest:.3g}, which overflow {str(dtype).removeprefix('torch.')}, "
+            f"the dtype this server computes in (largest finite: {torch.finfo(dtype).max:.3g}); "
+            "the adapter cannot be served"
+        )
 
 
 def embeddings_to_kv(embeddings: torch.Tensor, shape: KVShape) -> torch.Tensor:
@@ -263,15 +279,14 @@ def _tar_members(archive: tarfile.TarFile, limit: int) -> list[_Member]:
     # Lazily, member by member: a header's size is checked before tarfile decompresses past that member's
     # content, and the count before the next header is read, so a tar bomb costs no more than `limit`.
     while (info := archive.next()) is not None:
-        if len(members) >= MAX_ARCHIVE_MEMBERS or info.size > limit:
-            break
+        if len(members) >= MAX_ARCHIVE_MEMBERS:
+            raise InvalidAdapterError(
+                f"archive holds more than {MAX_ARCHIVE_MEMBERS} entries; send only the adapter directory"
+            )
+        if info.size > limit:  # the same answer as a zip bomb's: too large
+            raise AdapterTooLargeError(f"archive member {info.name!r} unpacks to more than {_mb(limit)}")
         members.append(_Member(info.name, kind(info), info.size, reader(info)))
-    else:
-        return members
-    raise InvalidAdapterError(
-        f"archive holds more than {MAX_ARCHIVE_MEMBERS} entries or a member above {limit // 2**20} MB; "
-        "send only the adapter directory"
-    )
+    return members
 
 
 def _extract_zip(data: bytes, limit: int) -> dict[str, bytes]:
@@ -303,17 +318,19 @@ def _take_adapter_files(members: list[_Member], limit: int) -> dict[str, bytes]:
         if base not in (CONFIG_NAME, WEIGHTS_NAME, *PICKLE_NAMES):
             continue
         if member.size > limit:
-            raise AdapterTooLargeError(f"archive member {base} unpacks to more than {limit // 2**20} MB")
+            raise AdapterTooLargeError(f"archive member {member.name!r} unpacks to more than {_mb(limit)}")
         content = member.read(limit + 1)
         total += len(content)
         if total > limit:
-            raise AdapterTooLargeError(
-                f"archive unpacks to more than {limit // 2**20} MB; the adapter is too large"
-            )
+            raise AdapterTooLargeError(f"archive unpacks to more than {_mb(limit)}; the adapter is too large")
         if base in out:
             raise InvalidAdapterError(f"archive holds {base} twice; send one adapter per archive")
         out[base] = content
     return out
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
 
 
 def read_upload(files: list[tuple[str, bytes]], max_bytes: int) -> PrefixAdapter:

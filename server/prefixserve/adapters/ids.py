@@ -13,6 +13,14 @@ MAX_COMPOSED_ADAPTERS = 8
 
 
 def validate_adapter_id(adapter_id: str, what: str = "adapter id") -> str:
+    flat = adapter_id.replace("/", "--")
+    if "/" in adapter_id and _ADAPTER_ID_RE.fullmatch(
+        flat
+    ):  # a hub-style `org/name`: say why, and what to use
+        raise InvalidAdapterIdError(
+            f"invalid {what} {adapter_id!r}: '/' is not allowed (an id is one path segment, as in "
+            f"/v1/adapters/{{id}}); use e.g. {flat!r}"
+        )
     if not _ADAPTER_ID_RE.fullmatch(adapter_id):
         raise InvalidAdapterIdError(
             f"invalid {what} {adapter_id!r}: use 1-128 characters from letters, digits, '.', '_' and '-', "

@@ -85,7 +85,7 @@ class AdapterRegistry:
         self._invalidations = 0  # bumped by every upload/delete; a load that overlapped one is not cached
 
     def validate(self, adapter: PrefixAdapter) -> None:
-        validate_adapter(adapter, self.shape, self.max_virtual_tokens)
+        validate_adapter(adapter, self.shape, self.max_virtual_tokens, self.dtype)
 
     def put(self, namespace: str, adapter_id: str, adapter: PrefixAdapter) -> tuple[AdapterInfo, bool]:
         """Validate, store durably, and make new requests see this version."""

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from prefixserve import __version__, metrics
-from prefixserve.api import routes_adapters, routes_generate, routes_openai, routes_ops
+from prefixserve.adapters.store import AdapterStore
+from prefixserve.api import routes_adapters, routes_generate, routes_openai, routes_openai_misc, routes_ops
 from prefixserve.api.auth import Authenticator, KeyRing, Principal
+from prefixserve.api.error_docs import ADAPTER_ERRORS, GENERATION_ERRORS, OPENAI_ERRORS
 from prefixserve.api.errors import APIError, install_error_handlers
 from prefixserve.api.generation import TenantLimiter
+from prefixserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from prefixserve.config import Settings
+from prefixserve.console import CONSOLE_PATH, install_console
 from prefixserve.runtime import Runtime
 
-log = logging.getLogger("prefixserve.access")
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+log = logging.getLogger(__name__)
 
 
 class ServerState:
@@ -40,15 +45,32 @@ class ServerState:
         self.limiter = TenantLimiter(runtime.settings.max_concurrent_per_tenant)
         self.started_at = time.time()
         self.draining = False
+        self.special_ids = frozenset(runtime.loaded.tokenizer.all_special_ids)
+        self.max_model_len = runtime.loaded.max_length
+        self.vocab_size = runtime.engine.vocab_size
+        # No token stands for more characters than its vocabulary entry has, so a text longer than
+        # n x the longest entry surely has more than n tokens: refused before the tokenizer spends on it.
+        self.max_token_chars = max((len(t) for t in runtime.loaded.tokenizer.get_vocab()), default=1)
 
     def namespace(self, request: Request) -> str:
         return request.state.principal.tenant
 
+    def check_chars(self, chars: int, max_tokens: int, field: str) -> None:
+        limit = max_tokens * self.max_token_chars
+        if chars > limit:
+            raise APIError(
+                422,
+                f"{field} is {chars} characters: more than the {max_tokens} tokens accepted can hold "
+                f"(at most {limit} characters with this tokenizer); shorten it",
+                "validation",
+            )
+
     def encode(self, text: str) -> list[int]:
         return self.loaded.tokenizer.encode(text)
 
-    async def aencode(self, text: str) -> list[int]:
+    async def aencode(self, text: str, field: str) -> list[int]:
         """Tokenize off the event loop: a long prompt must not stall every other request."""
+        self.check_chars(len(text), self.engine.limits.max_input_tokens, field)
         return await run_in_threadpool(self.encode, text)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -82,73 +104,52 @@ class ServerState:
             self.engine.cancel_all()
 
 
-class RequestIdMiddleware:
-    """Gives every request an id (the client's `X-Request-Id` if sane), echoed in the response and the log.
+DOCS_PATH = "/docs"
+DOCS_STATIC_PATH = "/static-offline-docs"  # Swagger UI's files, served from the package
 
-    Pure ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides client disconnects
-    from the endpoint, and a disconnect must free the request's batch row.
-    """
+TEMP_SWEEP_SECONDS = 60.0
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        status, start = 0, time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", []))
-                if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                    headers.append((b"x-request-id", rid.encode()))
-                message["headers"] = headers
-            await send(message)
-
+async def sweep_periodically(store: AdapterStore) -> None:
+    """Temp files left by a crashed upload go within minutes, not at the next restart."""
+    while True:
+        await asyncio.sleep(TEMP_SWEEP_SECONDS)
         try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            log.info(
-                "%s %s -> %d in %.1f ms",
-                scope["method"],
-                scope["path"],
-                status,
-                (time.perf_counter() - start) * 1e3,
-                extra={"request_id": rid},
-            )
+            await asyncio.to_thread(store.sweep_temp_files)
+        except Exception:  # a store that is unreachable for a while must not end the sweeping
+            log.exception("sweeping the adapter store's temp files failed")
 
 
-class BodyLimitMiddleware:
-    """Refuse a request whose declared body is larger than any endpoint accepts, before reading it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                message = (
-                    f"request body is {int(declared) / 2**20:.1f} MB, above this server's limit of "
-                    f"{self.max_bytes / 2**20:.1f} MB"
-                )
-                response = JSONResponse({"error": message, "error_type": "too_large"}, status_code=413)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+_bearer = HTTPBearer(auto_error=False, description="An API key from the server's keys file, when it has one.")
 
 
-def get_principal(request: Request) -> Principal:
-    principal = request.app.state.server.authenticator(request)
-    request.state.principal = principal
-    return principal
+def get_principal(request: Request, _: object = Security(_bearer)) -> Principal:
+    """Set by AuthMiddleware before the body was read; this dependency documents the scheme in OpenAPI."""
+    return request.state.principal
+
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload's files
+
+
+def body_limits(settings: Settings) -> Callable[[Scope], tuple[int, str]]:
+    """Adapter uploads (multipart) may be as large as an adapter; every other body, generation requests and
+    `from_text` included, is held to --max-request-mb."""
+    upload = int(settings.max_adapter_mb * 2**20) + MULTIPART_OVERHEAD
+    upload_text = f"{settings.max_adapter_mb:.1f} MB for adapter uploads (--max-adapter-mb)"
+    other = int(settings.max_request_mb * 2**20)
+    other_text = f"{settings.max_request_mb:.1f} MB for this request (--max-request-mb)"
+
+    def limit_for(scope: Scope) -> tuple[int, str]:
+        content_type = Headers(scope=scope).get("content-type", "")
+        if (
+            scope["method"] in ("PUT", "POST")
+            and scope["path"].startswith(routes_adapters.router.prefix)
+            and content_type.startswith("multipart/")
+        ):
+            return upload, upload_text
+        return other, other_text
+
+    return limit_for
 
 
 def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: bool = True) -> FastAPI:
@@ -159,12 +160,19 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if start_engine:
             runtime.engine.start()
+        sweeper = asyncio.create_task(sweep_periodically(runtime.store))
         yield
+        sweeper.cancel()
         runtime.engine.stop_accepting()
         runtime.engine.cancel_all()
         await asyncio.to_thread(runtime.engine.join, 10)
 
-    app = FastAPI(
+    # /docs with Swagger UI's assets served from the package, not a CDN. No /redoc: ReDoc's page loads
+    # its logo from cdn.redoc.ly.
+    app = FastAPIOffline(
+        docs_url=DOCS_PATH,  # FastAPIOffline serves it itself: app.docs_url stays None
+        redoc_url=None,
+        static_url=DOCS_STATIC_PATH,
         title="prefixserve",
         version=__version__,
         description="Serve PEFT prefix-tuning adapters on one frozen base model, batched across adapters. "
@@ -182,14 +190,32 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
         )
     )
 
+    # Added last runs first: request id, then the key (from headers only), then the body, counted as it comes.
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(runtime.settings))
+    open_paths = {route.path for route in routes_ops.router.routes}
+    open_paths |= {p for p in (DOCS_PATH, app.openapi_url, app.swagger_ui_oauth2_redirect_url) if p}
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=max(16 << 20, int(runtime.settings.max_adapter_mb * 2**20) + (1 << 20))
+        AuthMiddleware,
+        authenticator=state.authenticator,
+        open_paths=open_paths,
+        open_reads={"/"},  # GET / redirects to the console; POST / is TGI's generation route
+        open_trees={CONSOLE_PATH, DOCS_STATIC_PATH},
     )
     app.add_middleware(RequestIdMiddleware)
+    if runtime.settings.cors_allow_origins:  # off by default: browsers may call the API only from these
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=runtime.settings.cors_allow_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-Id"],
+        )
 
     authenticated = [Depends(get_principal)]
     app.include_router(routes_ops.router)
-    app.include_router(routes_generate.router, dependencies=authenticated)
-    app.include_router(routes_openai.router, dependencies=authenticated)
-    app.include_router(routes_adapters.router, dependencies=authenticated)
+    app.include_router(routes_generate.router, dependencies=authenticated, responses=GENERATION_ERRORS)
+    app.include_router(routes_openai.router, dependencies=authenticated, responses=OPENAI_ERRORS)
+    app.include_router(routes_openai_misc.router, dependencies=authenticated, responses=OPENAI_ERRORS)
+    app.include_router(routes_adapters.router, dependencies=authenticated, responses=ADAPTER_ERRORS)
+    install_console(app)
     return app

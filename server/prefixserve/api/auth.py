@@ -12,10 +12,9 @@ import hmac
 import ipaddress
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from fastapi import Request
 
 from prefixserve.adapters.errors import InvalidAdapterIdError
 from prefixserve.adapters.ids import validate_adapter_id
@@ -99,7 +98,8 @@ class KeyRing:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    """Whether binding `host` serves this machine only. An empty host binds every interface: not loopback."""
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -108,15 +108,15 @@ def is_loopback(host: str) -> bool:
 
 
 class Authenticator:
-    """Turns a request into a Principal, or refuses it (401 / 403)."""
+    """Turns a request's headers into a Principal, or refuses it (401 / 403)."""
 
     def __init__(self, keyring: KeyRing | None) -> None:
         self.keyring = keyring
 
-    def __call__(self, request: Request) -> Principal:
+    def __call__(self, headers: Mapping[str, str]) -> Principal:
         if self.keyring is None:
             return Principal(ANONYMOUS_TENANT)
-        header = request.headers.get("authorization", "")
+        header = headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise APIError(
@@ -128,7 +128,7 @@ class Authenticator:
         principal = self.keyring.authenticate(key.strip())
         if principal is None:
             raise APIError(401, "invalid API key", "unauthorized", {"WWW-Authenticate": "Bearer"})
-        acting_for = request.headers.get(TENANT_HEADER)
+        acting_for = headers.get(TENANT_HEADER)
         if acting_for and acting_for != principal.tenant:
             if not principal.admin:
                 raise APIError(

@@ -14,11 +14,19 @@ from prefixserve.adapters.errors import (
     AdapterError,
     AdapterNotFoundError,
     AdapterTooLargeError,
+    StoreError,
+    StoreFullError,
 )
 from prefixserve.engine.errors import EngineError, EngineStoppedError, QueueFullError
 
 log = logging.getLogger(__name__)
-OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+_VLLM_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
+def is_openai_path(path: str) -> bool:
+    """Routes whose clients (openai, LangChain, vLLM's tools) read errors in OpenAI's shape: every /v1/ path
+    but prefixserve's own adapter API, unknown ones included."""
+    return (path.startswith("/v1/") and not path.startswith("/v1/adapters")) or path in _VLLM_PATHS
 
 
 class APIError(Exception):
@@ -37,8 +45,8 @@ def error_response(
 ) -> JSONResponse:
     metrics.REQUEST_FAILURE.labels(error_type).inc()
     body: dict[str, object] = {"error": message, "error_type": error_type}
-    if request.url.path in OPENAI_PATHS:  # what the openai client reads its error message from
-        body = {"error": {"message": message, "type": error_type, "code": status}}
+    if is_openai_path(request.url.path):  # what the openai client reads its error message from
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
     rid = getattr(request.state, "request_id", None)
     if rid:  # also set here: responses built outside the request-id middleware (500s) carry it too
         body["request_id"] = rid
@@ -51,6 +59,10 @@ def status_for(exc: Exception) -> int:
         return 404
     if isinstance(exc, AdapterTooLargeError):
         return 413
+    if isinstance(exc, StoreFullError):
+        return 507
+    if isinstance(exc, StoreError):
+        return 503
     if isinstance(exc, QueueFullError):
         return 429
     if isinstance(exc, EngineStoppedError):
@@ -80,7 +92,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(request, exc.status_code, str(exc.detail), "http")
+        return error_response(
+            request, exc.status_code, str(exc.detail), getattr(exc, "error_type", "http"), exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

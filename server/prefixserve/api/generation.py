@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
 from prefixserve.adapters.ids import parse_adapter_spec
 from prefixserve.api.errors import APIError
 from prefixserve.engine.engine import AdapterRef
-from prefixserve.engine.sequence import FinishReason, SamplingParams, TokenEvent
+from prefixserve.engine.sequence import FinishReason, GrammarSpec, PromptToken, SamplingParams, TokenEvent
 from prefixserve.engine.streams import RequestStream, submit
 
 _DISCONNECT_POLL_SECONDS = 0.25
@@ -75,7 +77,7 @@ async def start(
             state.limiter.release(tenant)
 
     try:
-        return await submit(state.engine, prompt_ids, adapter, params, release)
+        return await submit(state.engine, prompt_ids, adapter, params, release, tenant)
     except BaseException:
         release()
         raise
@@ -90,6 +92,18 @@ class Collected:
     @property
     def tokens(self) -> list[TokenEvent]:
         return [e for e in self.events if e.token_id >= 0]
+
+    @property
+    def prompt(self) -> tuple[PromptToken, ...]:
+        """The prompt's tokens with their log-probabilities, when they were asked for."""
+        return next((e.prompt for e in self.events if e.prompt is not None), ())
+
+
+def grammar_spec(kind: str, value: Any = None) -> GrammarSpec:
+    """A request's grammar: `value` is a JSON schema (a dict, or its JSON text) or a regex, as `kind` says."""
+    if kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    return GrammarSpec(kind, value or "")
 
 
 async def events(stream: RequestStream) -> AsyncIterator[TokenEvent]:

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from prefixserve.api.schemas import StopText, Text
+from prefixserve.engine.sequence import (
+    MAX_LOGPROBS,
+    MAX_STOP_CHARS,
+    REPETITION_PENALTY_RANGE,
+    TEMPERATURE_RANGE,
+)
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM: usage in every chunk (with include_usage)."
+    )
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"name", "schema"}}` or text."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class _SamplingFields(BaseModel):
@@ -17,18 +44,41 @@ class _SamplingFields(BaseModel):
     model: str = Field(
         "", description="An adapter id (or `a+b`); the base model's name or '' for no adapter."
     )
-    temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy; default 1.0 (sampling).")
+    temperature: float | None = Field(
+        None,
+        ge=0,
+        le=TEMPERATURE_RANGE[1],
+        description=f"0 = greedy; else at least {TEMPERATURE_RANGE[0]}; default 1.0 (sampling).",
+    )
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, description="Extension (as vLLM): keep the k most likely tokens.")
-    repetition_penalty: float | None = Field(None, gt=0, description="Extension (as vLLM).")
+    repetition_penalty: float | None = Field(
+        None,
+        ge=REPETITION_PENALTY_RANGE[0],
+        le=REPETITION_PENALTY_RANGE[1],
+        description="Extension (as vLLM).",
+    )
     n: int = Field(1, ge=1, le=8)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = Field(
+        None, max_length=4, description=f"Up to 4 strings of 1-{MAX_STOP_CHARS} characters."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id (as a string) to a bias in [-100, 100] added to its logit."
+    )
+    response_format: ResponseFormat | None = None
+    # vLLM's sampling extensions (what `vllm bench serve`, guidellm and lm-eval send)
+    ignore_eos: bool = Field(False, description="Extension (as vLLM): keep generating past end-of-sequence.")
+    min_tokens: int = Field(0, ge=0, description="Extension (as vLLM): no stop before this many tokens.")
+    stop_token_ids: list[int] | None = Field(None, description="Extension (as vLLM): token ids that stop.")
+    include_stop_str_in_output: bool = Field(False, description="Extension (as vLLM).")
+    skip_special_tokens: bool = Field(True, description="Extension (as vLLM).")
+    guided_json: dict[str, Any] | str | None = Field(None, description="Extension (as vLLM): a JSON schema.")
+    guided_regex: str | None = Field(None, description="Extension (as vLLM): a regular expression.")
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -36,12 +86,12 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(description="Text, texts, or token ids.")
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt.")
     logprobs: int | None = Field(
-        None, ge=0, le=1, description="0 or 1: the chosen tokens' log-probabilities."
+        None, ge=0, le=MAX_LOGPROBS, description="The chosen tokens' log-probabilities and the n most likely."
     )
-    echo: bool = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: scored).")
     best_of: int | None = None
     suffix: str | None = None
 
@@ -50,7 +100,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[dict[str, Any]] | None = None
     name: str | None = None
 
 
@@ -59,10 +109,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="Only 0 is supported.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: the n most likely."
+    )
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
 
@@ -74,8 +125,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: None = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
@@ -100,11 +151,14 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class TokenLogprob(BaseModel):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
-    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChoiceLogprobs(BaseModel):
@@ -139,3 +193,32 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a `prompt`, or chat `messages` (with the chat template applied)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

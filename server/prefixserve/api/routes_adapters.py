@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from prefixserve.adapters.errors import AdapterTooLargeError
 from prefixserve.adapters.format import PrefixAdapter, read_upload
-from prefixserve.adapters.ids import validate_adapter_id
+from prefixserve.adapters.ids import ADAPTER_ID_PATTERN, validate_adapter_id
 from prefixserve.adapters.store import AdapterInfo
 from prefixserve.api.errors import APIError
-from prefixserve.api.schemas import AdapterCreated
+from prefixserve.api.schemas import AdapterCreated, Text
 from prefixserve.engine.errors import RequestValidationError
 from prefixserve.engine.from_text import adapter_from_text
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+# Documented, and checked by validate_adapter_id (whose message says what to do), not by FastAPI.
+AdapterIdPath = Annotated[str, Path(json_schema_extra={"pattern": f"^{ADAPTER_ID_PATTERN}$"})]
 
 
 class AdapterSummary(BaseModel):
@@ -68,13 +73,11 @@ def _summary(info: AdapterInfo, loaded: bool) -> AdapterSummary:
 class FromTextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    from_text: str = Field(description="Text whose keys/values (under the base model) become the prefix.")
+    from_text: Text = Field(description="Text whose keys/values (under the base model) become the prefix.")
     chat_template: bool = Field(
         False, description="Wrap the text as a system message with the chat template."
     )
 
-
-_MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the files
 
 _UPLOAD_BODY = {
     "required": True,
@@ -95,20 +98,15 @@ async def _adapter_from_request(request: Request) -> PrefixAdapter:
     """Multipart `files` (the PEFT pair, or one archive), or JSON `{"from_text": ...}`."""
     state = request.app.state.server
     max_bytes = int(state.settings.max_adapter_mb * 2**20)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes + _MULTIPART_OVERHEAD:
-        raise AdapterTooLargeError(  # refused before the body is read or spooled to disk
-            f"upload is {int(declared) / 2**20:.1f} MB, above this server's limit of {max_bytes / 2**20:.1f} MB "
-            "(--max-adapter-mb)"
-        )
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
             body = FromTextRequest.model_validate_json(await request.body())
         except ValidationError as exc:
             raise RequestValidationError(
-                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
             ) from None
+        state.check_chars(len(body.from_text), state.settings.max_virtual_tokens, "from_text")
         return await run_in_threadpool(
             adapter_from_text,
             state.loaded,
@@ -144,19 +142,23 @@ async def _store(request: Request, adapter_id: str, response: Response) -> Adapt
     )
 
 
+_REPLACED = {200: {"model": AdapterCreated, "description": "Replaced an adapter of this id"}}
+
+
 @router.put(
     "/{adapter_id}",
     response_model=AdapterCreated,
     status_code=201,
+    responses=_REPLACED,
     openapi_extra={"requestBody": _UPLOAD_BODY},
 )
-async def put_adapter(adapter_id: str, request: Request, response: Response) -> AdapterCreated:
+async def put_adapter(adapter_id: AdapterIdPath, request: Request, response: Response) -> AdapterCreated:
     """Create (201) or replace (200) an adapter: multipart `files` with the two files PEFT's save_pretrained
     writes (or one .zip/.tar.gz of the directory), or JSON `{"from_text": "..."}` to make one from a text."""
     return await _store(request, adapter_id, response)
 
 
-@router.post("", response_model=AdapterCreated, status_code=201)
+@router.post("", response_model=AdapterCreated, status_code=201, responses=_REPLACED)
 async def post_adapter(
     request: Request, response: Response, adapter_id: str = Form(...), files: list[UploadFile] = File(...)
 ) -> AdapterCreated:
@@ -179,7 +181,7 @@ def list_adapters(request: Request, limit: int = 100, after: str | None = None) 
 
 
 @router.get("/{adapter_id}", response_model=AdapterSummary)
-def get_adapter(adapter_id: str, request: Request) -> AdapterSummary:
+def get_adapter(adapter_id: AdapterIdPath, request: Request) -> AdapterSummary:
     state = request.app.state.server
     namespace = state.namespace(request)
     info = state.store.info(namespace, validate_adapter_id(adapter_id))
@@ -187,8 +189,31 @@ def get_adapter(adapter_id: str, request: Request) -> AdapterSummary:
 
 
 @router.delete("/{adapter_id}", status_code=204)
-def delete_adapter(adapter_id: str, request: Request) -> Response:
+def delete_adapter(adapter_id: AdapterIdPath, request: Request) -> Response:
     """Running requests finish with the version they started with; new requests get 404."""
     state = request.app.state.server
     state.registry.delete(state.namespace(request), validate_adapter_id(adapter_id))
     return Response(status_code=204)
+
+
+class _NestedIdConvertor(Convertor[str]):
+    """Matches `org/name` (two or more path segments), which the routes above, one segment each, do not."""
+
+    regex = "[^/]+/.+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("nested_id", _NestedIdConvertor())
+
+
+@router.api_route(
+    "/{adapter_id:nested_id}", methods=["GET", "PUT", "POST", "DELETE"], include_in_schema=False
+)
+def nested_adapter_id(adapter_id: str) -> None:
+    """A hub-style id such as `org/name`: a 422 that says why, instead of a bare 404 from the router."""
+    validate_adapter_id(adapter_id)  # raises InvalidAdapterIdError (422) naming the '/'

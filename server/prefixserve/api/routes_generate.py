@@ -8,18 +8,21 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
+from prefixserve.api.error_docs import EVENT_STREAM
 from prefixserve.api.errors import APIError
-from prefixserve.api.generation import collect, events, start
+from prefixserve.api.generation import collect, events, grammar_spec, start
 from prefixserve.api.schemas import (
+    AlternativeToken,
     Details,
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    InputToken,
     StreamDetails,
     StreamResponse,
     Token,
 )
-from prefixserve.engine.sequence import SamplingParams, TokenEvent
+from prefixserve.engine.sequence import GrammarSpec, SamplingParams, Sequence, TokenEvent
 from prefixserve.engine.streams import RequestStream
 
 router = APIRouter(tags=["generation (TGI/LoRAX)"])
@@ -37,22 +40,67 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
         top_k=p.top_k,
         top_p=p.top_p,
         repetition_penalty=p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty or 0.0,
         seed=p.seed,
         stop=tuple(p.stop),
+        ignore_eos=p.ignore_eos_token,
+        logprobs=max(p.top_n_tokens or 0, p.return_k_alternatives or 0),
+        prompt_logprobs=(p.top_n_tokens or 0) if p.decoder_input_details else None,
+        grammar=_grammar(p),
     )
+
+
+def _grammar(p: GenerateParameters) -> GrammarSpec | None:
+    if p.grammar is not None:
+        return grammar_spec("json_schema" if p.grammar.type == "json" else "regex", p.grammar.value)
+    if p.response_format is not None and p.response_format.type != "text":
+        schema = p.response_format.schema_
+        return grammar_spec("json_schema", schema) if schema else grammar_spec("json_object")
+    return None
 
 
 async def _start(body: GenerateRequest, request: Request, x_adapter_id: str | None) -> RequestStream:
     """Queue the request: the adapter from the body or the `X-Adapter-Id` header, `truncate` applied."""
-    ids = await request.app.state.server.aencode(body.inputs)
+    ids = await request.app.state.server.aencode(body.inputs, "inputs")
     if body.parameters.truncate:
         ids = ids[-body.parameters.truncate :]
     adapter = body.parameters.adapter_id or x_adapter_id
+    if body.parameters.adapter_id and x_adapter_id and body.parameters.adapter_id != x_adapter_id:
+        # A balancer routes on the header, the server serves the body: refuse rather than pick one silently.
+        raise APIError(
+            422,
+            f"the X-Adapter-Id header ({x_adapter_id!r}) and parameters.adapter_id "
+            f"({body.parameters.adapter_id!r}) name different adapters; send the same id in both, or only one",
+            "validation",
+        )
     return await start(request, ids, adapter, sampling_params(body.parameters))
 
 
-def _token(event: TokenEvent) -> Token:
-    return Token(id=event.token_id, text=event.token_text, logprob=event.logprob, special=event.special)
+def _token(event: TokenEvent, p: GenerateParameters) -> Token:
+    alternatives = None
+    if p.return_k_alternatives:
+        alternatives = [
+            AlternativeToken(id=t.token_id, text=t.text, logprob=t.logprob)
+            for t in event.top[: p.return_k_alternatives]
+        ]
+    return Token(
+        id=event.token_id,
+        text=event.token_text,
+        logprob=event.logprob,
+        special=event.special,
+        alternative_tokens=alternatives,
+    )
+
+
+def _top_tokens(event: TokenEvent, p: GenerateParameters, special: frozenset[int]) -> list[Token]:
+    return [
+        Token(id=t.token_id, text=t.text, logprob=t.logprob, special=t.token_id in special)
+        for t in event.top[: p.top_n_tokens or 0]
+    ]
+
+
+def _seed(seq: Sequence) -> int | None:
+    return seq.params.seed if seq.params.do_sample else None
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
@@ -66,14 +114,17 @@ async def generate(
     out = await collect(stream, request)
     seq = stream.seq
     text = body.inputs + out.text if body.parameters.return_full_text else out.text
-    details = None
-    if body.parameters.details:
-        tokens = [_token(e) for e in out.tokens]
+    details, p = None, body.parameters
+    if p.details:
+        special = request.app.state.server.special_ids
         details = Details(
             finish_reason=out.finish_reason.value,
-            generated_tokens=len(tokens),
-            seed=seq.params.seed if seq.params.do_sample else None,
-            tokens=tokens,
+            prompt_tokens=len(seq.prompt_ids),
+            generated_tokens=len(out.tokens),
+            seed=_seed(seq),
+            prefill=[InputToken(id=t.token_id, text=t.text, logprob=t.logprob) for t in out.prompt],
+            tokens=[_token(e, p) for e in out.tokens],
+            top_tokens=[_top_tokens(e, p, special) for e in out.tokens] if p.top_n_tokens else None,
         )
     return GenerateResponse(generated_text=text, details=details)
 
@@ -81,22 +132,26 @@ async def generate(
 @router.post(
     "/",
     include_in_schema=True,
-    summary="TGI's compatibility route: /generate, or /generate_stream when stream=true",
+    summary="TGI's compatibility route: /generate (a one-element list), or /generate_stream when stream=true",
+    response_model=list[GenerateResponse],
+    response_model_exclude_none=True,
+    responses=EVENT_STREAM,
 )
 async def generate_compat(body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)):
-    """What TGI serves at its root and `huggingface_hub`'s `InferenceClient` posts to."""
+    """What TGI serves at its root, where its and LoRAX's clients post: a one-element list when not streamed."""
     if body.stream:
         return await generate_stream(body, request, x_adapter_id)
-    return await generate(body, request, x_adapter_id)
+    return [await generate(body, request, x_adapter_id)]
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_class=StreamingResponse, responses=EVENT_STREAM)
 async def generate_stream(
     body: GenerateRequest, request: Request, x_adapter_id: str | None = Header(None)
 ) -> StreamingResponse:
     """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
     stream = await _start(body, request, x_adapter_id)
     prefix = body.inputs if body.parameters.return_full_text else ""
+    p, special = body.parameters, request.app.state.server.special_ids
 
     async def sse() -> AsyncIterator[str]:
         text, index = "", 0
@@ -110,14 +165,17 @@ async def generate_stream(
                     yield f"data: {json.dumps(error)}\n\n"
                     continue
                 index += 1
-                chunk = StreamResponse(index=index, token=_token(event))
+                chunk = StreamResponse(index=index, token=_token(event, p))
+                if p.top_n_tokens:
+                    chunk.top_tokens = _top_tokens(event, p, special)
                 if event.finish_reason is not None:
                     seq = stream.seq
                     chunk.generated_text = prefix + text
                     chunk.details = StreamDetails(
                         finish_reason=event.finish_reason.value,
+                        prompt_tokens=len(seq.prompt_ids),
                         generated_tokens=index,
-                        seed=seq.params.seed if seq.params.do_sample else None,
+                        seed=_seed(seq),
                     )
                 yield f"data: {chunk.model_dump_json()}\n\n"
         except APIError as exc:

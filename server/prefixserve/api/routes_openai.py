@@ -13,8 +13,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from prefixserve.api.error_docs import EVENT_STREAM
 from prefixserve.api.errors import APIError
 from prefixserve.api.generation import Collected, collect, events, start
+from prefixserve.api.openai_params import (
+    chat_logprobs,
+    completion_logprobs,
+    openai_names,
+    refuse,
+    sampling_params,
+)
 from prefixserve.api.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -23,14 +31,11 @@ from prefixserve.api.openai_schemas import (
     ChoiceLogprobs,
     Completion,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
-    ModelCard,
-    ModelList,
-    TokenLogprob,
     Usage,
-    _SamplingFields,
 )
+from prefixserve.api.schemas import check_text
+from prefixserve.engine.errors import RequestValidationError
 from prefixserve.engine.sequence import FinishReason, SamplingParams, TokenEvent
 from prefixserve.engine.streams import RequestStream
 
@@ -39,36 +44,13 @@ router = APIRouter(tags=["OpenAI-compatible"])
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop"}
 
 
-def _refuse(field: str, why: str) -> APIError:
-    return APIError(422, f"{field}: {why}", "validation")
-
-
-def sampling_params(body: _SamplingFields, max_new_tokens: int | None) -> SamplingParams:
-    if body.presence_penalty or body.frequency_penalty:
-        raise _refuse("presence_penalty/frequency_penalty", "not supported; use repetition_penalty")
-    if body.logit_bias:
-        raise _refuse("logit_bias", "not supported")
-    temperature = 1.0 if body.temperature is None else body.temperature
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=tuple(stop),
-    )
-
-
 async def _start_all(
     request: Request, prompts: list[list[int]], model: str, params: SamplingParams, n: int
 ) -> list[RequestStream]:
     """One engine request per prompt and choice; each counts against the tenant's concurrency limit."""
     limit = request.app.state.server.limiter.limit
     if len(prompts) * n > limit:
-        raise _refuse(
+        raise refuse(
             "n",
             f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} generations, above this server's "
             f"{limit} per tenant (--max-concurrent-per-tenant); send fewer at once",
@@ -79,9 +61,11 @@ async def _start_all(
             for i in range(n):
                 seeded = replace(params, seed=params.seed + i) if params.seed is not None else params
                 streams.append(await start(request, prompt_ids, model, seeded))
-    except BaseException:
+    except BaseException as exc:
         for stream in streams:
             stream.cancel()
+        if isinstance(exc, RequestValidationError):  # the engine's names, as OpenAI's clients know them
+            raise APIError(422, openai_names(str(exc)), "validation") from exc
         raise
     return streams
 
@@ -129,6 +113,7 @@ def _sse(payload: str) -> str:
 
 
 def _usage(prompts: list[list[int]], generated: int) -> Usage:
+    """Token counts; with several prompts or choices, `generated` counts them all."""
     prompt_tokens = sum(len(p) for p in prompts)
     return Usage(
         prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated
@@ -140,121 +125,145 @@ def _finish(reason: FinishReason | None) -> str | None:
 
 
 # ----- /v1/completions -----------------------------------------------------------------------------------------
-@router.post("/v1/completions", response_model=Completion, response_model_exclude_none=True)
+@router.post(
+    "/v1/completions", response_model=Completion, response_model_exclude_none=True, responses=EVENT_STREAM
+)
 async def completions(body: CompletionRequest, request: Request):
     """OpenAI text completions; `model` is the adapter id (or the base model's name for none)."""
     state = request.app.state.server
-    for field, bad in (("echo", body.echo), ("best_of", (body.best_of or 1) > 1), ("suffix", body.suffix)):
+    for field, bad in (("best_of", (body.best_of or 1) > 1), ("suffix", body.suffix)):
         if bad:
-            raise _refuse(field, "not supported")
+            raise refuse(field, "not supported")
+    if body.max_tokens == 0 and not body.echo:
+        raise refuse("max_tokens", "must be at least 1 (0 is allowed with echo: true, to score the prompt)")
     prompts = await _prompts(state, body.prompt)
     if not prompts:
-        raise _refuse("prompt", "must not be an empty list")
-    params = sampling_params(body, body.max_tokens)
+        raise refuse("prompt", "must not be an empty list")
+    n_top = body.logprobs or 0
+    scored = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+    params = sampling_params(body, body.max_tokens, n_top, n_top if scored else None)
     streams = await _start_all(request, prompts, body.model, params, body.n)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
+    echoes = [_prompt_text(state, body.prompt, p, i) for i, p in enumerate(prompts)] if body.echo else None
+    choice_prompt = [i // body.n for i in range(len(streams))]  # which prompt each choice continues
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream_completions(
-                streams, prompts, rid, created, model, include_usage, body.logprobs is not None
-            ),
+            _stream_completions(streams, prompts, choice_prompt, echoes, rid, created, model, body),
             media_type="text/event-stream",
         )
     results = await _collect_all(streams, request)
-    choices = [
-        CompletionChoice(
-            index=i,
-            text=r.text,
-            finish_reason=_finish(r.finish_reason),
-            logprobs=_completion_logprobs(r.tokens) if body.logprobs is not None else None,
+    choices = []
+    for i, r in enumerate(results):
+        echo = echoes[choice_prompt[i]] if echoes else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(r.tokens, n_top, r.prompt if body.echo else ())
+        choices.append(
+            CompletionChoice(
+                index=i, text=echo + r.text, finish_reason=_finish(r.finish_reason), logprobs=logprobs
+            )
         )
-        for i, r in enumerate(results)
-    ]
     usage = _usage(prompts, sum(len(r.tokens) for r in results))
     return Completion(id=rid, created=created, model=model, choices=choices, usage=usage)
 
 
 async def _prompts(state, prompt: str | list) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [await state.aencode(prompt)]
+        return [await state.aencode(prompt, "prompt")]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
-    return [await state.aencode(p) if isinstance(p, str) else list(p) for p in prompt]
+    return [
+        await state.aencode(p, f"prompt.{i}") if isinstance(p, str) else list(p) for i, p in enumerate(prompt)
+    ]
 
 
-def _completion_logprobs(tokens: list[TokenEvent]) -> CompletionLogprobs:
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t.token_text)
-    return CompletionLogprobs(
-        tokens=[t.token_text for t in tokens], token_logprobs=[t.logprob for t in tokens], text_offset=offsets
-    )
+def _prompt_text(state, prompt: str | list, ids: list[int], index: int) -> str:
+    """What `echo` returns: the prompt as given, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and index < len(prompt) and isinstance(prompt[index], str):
+        return prompt[index]
+    return state.loaded.tokenizer.decode(ids)
 
 
 async def _stream_completions(
     streams: list[RequestStream],
     prompts: list[list[int]],
+    choice_prompt: list[int],
+    echoes: list[str] | None,
     rid: str,
     created: int,
     model: str,
-    include_usage: bool,
-    logprobs: bool,
+    body: CompletionRequest,
 ) -> AsyncIterator[str]:
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and bool(options and options.continuous_usage_stats)
     generated = 0
+    echoed: set[int] = set()
+    offsets = [0] * len(streams)
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return _sse(
+            Completion(id=rid, created=created, model=model, choices=choices, usage=usage).model_dump_json(
+                exclude_none=True
+            )
+        )
+
     try:
         async for index, event in _merged(streams):
             generated += event.token_id >= 0
-            if not event.text_delta and event.finish_reason is None:
+            text, logprobs = event.text_delta, None
+            prompt_part = event.prompt if index not in echoed and body.echo else ()
+            if echoes is not None and index not in echoed:  # the prompt goes first, with the first event
+                echoed.add(index)
+                text = echoes[choice_prompt[index]] + text
+            if body.logprobs is not None:
+                tokens = [event] if event.token_id >= 0 else []
+                if tokens or prompt_part:
+                    logprobs = completion_logprobs(tokens, body.logprobs, prompt_part or (), offsets[index])
+            offsets[index] += len(text)
+            if not text and logprobs is None and event.finish_reason is None:
                 continue
             choice = CompletionChoice(
-                index=index,
-                text=event.text_delta,
-                finish_reason=_finish(event.finish_reason),
-                logprobs=_completion_logprobs([event]) if logprobs and event.token_id >= 0 else None,
+                index=index, text=text, finish_reason=_finish(event.finish_reason), logprobs=logprobs
             )
-            chunk = Completion(id=rid, created=created, model=model, choices=[choice])
-            yield _sse(chunk.model_dump_json(exclude_none=True))
+            yield chunk([choice], _usage([prompts[choice_prompt[index]]], generated) if continuous else None)
         if include_usage:
-            chunk = Completion(
-                id=rid, created=created, model=model, choices=[], usage=_usage(prompts, generated)
-            )
-            yield _sse(chunk.model_dump_json(exclude_none=True))
+            yield chunk([], _usage(prompts, generated))
         yield _sse("[DONE]")
     except APIError as exc:
         yield _sse(json.dumps({"error": {"message": exc.message, "type": exc.error_type}}))
 
 
 # ----- /v1/chat/completions ------------------------------------------------------------------------------------
-@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_none=True,
+    responses=EVENT_STREAM,
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI chat completions, using the tokenizer's chat template; `model` is the adapter id."""
     state = request.app.state.server
     if body.tools or body.tool_choice not in (None, "none"):
-        raise _refuse("tools", "tool calling is not supported")
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise _refuse("response_format", "only {'type': 'text'} is supported")
-    messages = []
-    for i, message in enumerate(body.messages):
-        content = message.content
-        if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise _refuse(f"messages.{i}.content", "only text parts are supported")
-            content = "".join(str(part.get("text", "")) for part in content)
-        messages.append({"role": message.role, "content": content or ""})
+        raise refuse("tools", "tool calling is not supported")
+    if body.top_logprobs and not body.logprobs:
+        raise refuse("top_logprobs", "needs logprobs: true")
+    messages = chat_messages(body.messages)
+    chars = sum(len(m["content"]) for m in messages)
+    state.check_chars(chars, state.engine.limits.max_input_tokens, "messages (all contents together)")
     prompt = await run_in_threadpool(state.encode_chat, messages)
     max_new = (
         body.max_completion_tokens or body.max_tokens
     )  # None: the server's default, within the room left
-    params = sampling_params(body, max_new)
+    n_top = (body.top_logprobs or 0) if body.logprobs else 0
+    params = sampling_params(body, max_new, n_top)
     streams = await _start_all(request, [prompt], body.model, params, body.n)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream_chat(streams, [prompt], rid, created, model, include_usage),
-            media_type="text/event-stream",
+            _stream_chat(streams, [prompt], rid, created, model, body), media_type="text/event-stream"
         )
     results = await _collect_all(streams, request)
     choices = [
@@ -262,16 +271,29 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             index=i,
             message=AssistantMessage(content=r.text),
             finish_reason=_finish(r.finish_reason),
-            logprobs=ChoiceLogprobs(
-                content=[TokenLogprob(token=t.token_text, logprob=t.logprob) for t in r.tokens]
-            )
-            if body.logprobs
-            else None,
+            logprobs=ChoiceLogprobs(content=chat_logprobs(r.tokens, n_top)) if body.logprobs else None,
         )
         for i, r in enumerate(results)
     ]
     usage = _usage([prompt], sum(len(r.tokens) for r in results))
     return ChatCompletion(id=rid, created=created, model=model, choices=choices, usage=usage)
+
+
+def chat_messages(messages: list) -> list[dict[str, str]]:
+    """Messages for the chat template: text parts joined; other parts are refused by position."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                raise refuse(f"messages.{i}.content", "only text parts are supported")
+            content = "".join(str(part.get("text", "")) for part in content)
+            try:
+                check_text(content)
+            except ValueError as exc:
+                raise refuse(f"messages.{i}.content", str(exc)) from None
+        out.append({"role": message.role, "content": content or ""})
+    return out
 
 
 async def _stream_chat(
@@ -280,10 +302,16 @@ async def _stream_chat(
     rid: str,
     created: int,
     model: str,
-    include_usage: bool,
+    body: ChatCompletionRequest,
 ) -> AsyncIterator[str]:
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and bool(options and options.continuous_usage_stats)
+    n_top = (body.top_logprobs or 0) if body.logprobs else 0
+    generated = 0
+
     def chunk(choices: list[dict], usage: Usage | None = None) -> str:
-        body = {
+        out = {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": created,
@@ -291,40 +319,33 @@ async def _stream_chat(
             "choices": choices,
         }
         if usage is not None:
-            body["usage"] = usage.model_dump()
-        return _sse(json.dumps(body))
+            out["usage"] = usage.model_dump()
+        return _sse(json.dumps(out))
 
-    generated = 0
+    def running_usage() -> Usage | None:
+        return _usage(prompts, generated) if continuous else None
+
     try:
         for i in range(len(streams)):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            delta = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            yield chunk([delta], running_usage())
         async for index, event in _merged(streams):
             generated += event.token_id >= 0
-            if event.text_delta:
-                yield chunk([{"index": index, "delta": {"content": event.text_delta}, "finish_reason": None}])
+            logprobs = None
+            if body.logprobs and event.token_id >= 0:
+                logprobs = {"content": [e.model_dump() for e in chat_logprobs([event], n_top)]}
+            if event.text_delta or logprobs is not None:
+                choice = {"index": index, "delta": {"content": event.text_delta}, "finish_reason": None}
+                if logprobs is not None:
+                    choice["logprobs"] = logprobs
+                yield chunk([choice], running_usage())
             if event.finish_reason is not None:
-                yield chunk([{"index": index, "delta": {}, "finish_reason": _finish(event.finish_reason)}])
+                yield chunk(
+                    [{"index": index, "delta": {}, "finish_reason": _finish(event.finish_reason)}],
+                    running_usage(),
+                )
         if include_usage:
             yield chunk([], _usage(prompts, generated))
         yield _sse("[DONE]")
     except APIError as exc:
         yield _sse(json.dumps({"error": {"message": exc.message, "type": exc.error_type}}))
-
-
-# ----- /v1/models ----------------------------------------------------------------------------------------------
-@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
-def models(request: Request) -> ModelList:
-    """The base model and the calling tenant's adapters (use an adapter's id as `model`)."""
-    state = request.app.state.server
-    cards = [ModelCard(id=state.model_name, created=int(state.started_at), owned_by="prefixserve")]
-    for info in state.store.list(state.namespace(request)):
-        cards.append(
-            ModelCard(
-                id=info.adapter_id,
-                created=int(info.created_at),
-                owned_by=state.namespace(request),
-                root=info.adapter_id,
-                parent=state.model_name,
-            )
-        )
-    return ModelList(data=cards)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prefixserve import __version__
+from prefixserve.api.error_docs import ErrorBody
 
 router = APIRouter(tags=["operations"])
 
@@ -17,7 +18,7 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"model": ErrorBody, "description": "Draining for shutdown"}})
 def ready(request: Request) -> Response:
     """Readiness: 503 while draining, so load balancers stop sending new requests."""
     state = request.app.state.server
@@ -49,7 +50,7 @@ def info(request: Request) -> dict[str, object]:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def prometheus_metrics() -> Response:
     """Prometheus metrics, open like TGI's and vLLM's. With API keys, adapter ids in
     `prefixserve_adapter_requests_info` are replaced by opaque per-process digests, so no tenant's adapter

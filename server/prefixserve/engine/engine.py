@@ -21,10 +21,23 @@ from prefixserve.engine.detokenizer import OutputText
 from prefixserve.engine.errors import EngineStoppedError, RequestValidationError
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_loader import LoadedModel
-from prefixserve.engine.model_runner import ModelRunner
-from prefixserve.engine.sampling import make_generator, sample
+from prefixserve.engine.model_runner import ModelRunner, StepLogits
+from prefixserve.engine.sampling import TopLogprobs, make_generator, prompt_logprobs, sample
 from prefixserve.engine.scheduler import Scheduler, TokenUpdate
-from prefixserve.engine.sequence import FinishReason, OutputSink, SamplingParams, Sequence, TokenEvent
+from prefixserve.engine.sequence import (
+    MAX_LOGPROBS,
+    MAX_STOP_CHARS,
+    REPETITION_PENALTY_RANGE,
+    TEMPERATURE_RANGE,
+    FinishReason,
+    OutputSink,
+    PromptToken,
+    SamplingParams,
+    Sequence,
+    TokenEvent,
+    TokenLogprob,
+)
+from prefixserve.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +77,22 @@ class LLMEngine:
         )
         self._special_ids = frozenset(loaded.tokenizer.all_special_ids)
         self._vocab_size = loaded.model.get_input_embeddings().num_embeddings
+        self.grammars = GrammarCompiler(loaded.tokenizer, self._vocab_size, list(loaded.eos_token_ids))
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     # ----- requests -----------------------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], adapter: AdapterRef | None, params: SamplingParams, sink: OutputSink
+        self,
+        prompt_ids: list[int],
+        adapter: AdapterRef | None,
+        params: SamplingParams,
+        sink: OutputSink,
+        tenant: str | None = None,
     ) -> Sequence:
-        """Validate and queue a request. Raises RequestValidationError, AdapterError or QueueFullError."""
+        """Validate and queue a request of `tenant` (default: the adapter's namespace). Raises
+        RequestValidationError, AdapterError or QueueFullError."""
         if self._stopping:
             raise EngineStoppedError("the server is shutting down; retry on another replica")
         prefix = self.registry.get(*adapter) if adapter is not None else None
@@ -83,8 +103,16 @@ class LLMEngine:
         self._validate(prompt_ids, num_virtual, params)
         if params.do_sample and params.seed is None:
             params = replace(params, seed=secrets.randbits(63))
-        seq = Sequence(prompt_ids=list(prompt_ids), params=params, prefix=prefix, sink=sink)
-        seq.text = OutputText(self.loaded.tokenizer, params.stop)
+        if tenant is None:
+            tenant = adapter[0] if adapter is not None else ""
+        constraint = None
+        if params.grammar is not None:  # compiled here, on the caller's thread, not in the step loop
+            constraint = self.grammars.constraint(params.grammar.kind, params.grammar.value)
+        seq = Sequence(prompt_ids=list(prompt_ids), params=params, prefix=prefix, sink=sink, tenant=tenant)
+        seq.constraint = constraint
+        seq.text = OutputText(
+            self.loaded.tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+        )
         if params.do_sample:
             seq.generator = make_generator(params.seed, self.loaded.device)
         with self._wakeup:  # the loop checks `_stopping` under this lock too: no request slips past its exit
@@ -113,9 +141,26 @@ class LLMEngine:
             raise RequestValidationError(
                 f"inputs has {len(prompt_ids)} tokens, above this server's max_input_tokens of {lim.max_input_tokens}"
             )
-        if not 1 <= p.max_new_tokens <= lim.max_new_tokens:
+        if not 1 <= p.max_new_tokens <= lim.max_new_tokens and not (
+            p.max_new_tokens == 0 and p.prompt_logprobs is not None
+        ):
             raise RequestValidationError(
-                f"max_new_tokens must be between 1 and {lim.max_new_tokens}, got {p.max_new_tokens}"
+                f"max_new_tokens must be between 1 and {lim.max_new_tokens}, got {p.max_new_tokens} "
+                "(0 only when scoring the prompt)"
+            )
+        if not 0 <= p.min_new_tokens <= p.max_new_tokens:
+            raise RequestValidationError(
+                f"min_new_tokens must be between 0 and max_new_tokens ({p.max_new_tokens}), got {p.min_new_tokens}"
+            )
+        for name, count in (("logprobs", p.logprobs), ("prompt_logprobs", p.prompt_logprobs or 0)):
+            if not 0 <= count <= MAX_LOGPROBS:
+                raise RequestValidationError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {count}")
+        bad = [t for t, _ in p.logit_bias if not 0 <= t < self._vocab_size] + [
+            t for t in p.stop_token_ids if not 0 <= t < self._vocab_size
+        ]
+        if bad:
+            raise RequestValidationError(
+                f"token id {bad[0]} (in logit_bias or stop_token_ids) is outside the vocabulary [0, {self._vocab_size})"
             )
         total = num_virtual + len(prompt_ids) + p.max_new_tokens
         if total > self.max_length:
@@ -133,20 +178,29 @@ class LLMEngine:
                 f"{p.max_new_tokens} new tokens), more than the whole KV cache holds ({self.pool.num_blocks}); "
                 "shorten it, or start the server with a larger --kv-cache-mb"
             )
-        if p.do_sample and not p.temperature > 0:
-            raise RequestValidationError(f"temperature must be > 0 when sampling, got {p.temperature}")
+        low, high = TEMPERATURE_RANGE
+        if p.do_sample and not low <= p.temperature <= high:
+            raise RequestValidationError(
+                f"temperature must be between {low} and {high} when sampling, got {p.temperature} "
+                "(for greedy decoding turn sampling off)"
+            )
         if p.top_k is not None and p.top_k < 1:
             raise RequestValidationError(f"top_k must be >= 1, got {p.top_k}")
         if p.top_p is not None and not 0 < p.top_p <= 1:
             raise RequestValidationError(f"top_p must be in (0, 1], got {p.top_p}")
-        if p.repetition_penalty is not None and not p.repetition_penalty > 0:
-            raise RequestValidationError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if p.repetition_penalty is not None and not low <= p.repetition_penalty <= high:
+            raise RequestValidationError(
+                f"repetition_penalty must be between {low} and {high}, got {p.repetition_penalty}"
+            )
         if len(p.stop) > lim.max_stop_sequences:
             raise RequestValidationError(
                 f"stop holds {len(p.stop)} sequences; at most {lim.max_stop_sequences} are allowed"
             )
         if any(not s for s in p.stop):
             raise RequestValidationError("stop sequences must not be empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in p.stop):
+            raise RequestValidationError(f"stop sequences may have at most {MAX_STOP_CHARS} characters each")
 
     # ----- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()  # the pool is written inside forward passes; every write must be in this mode
@@ -168,7 +222,8 @@ class LLMEngine:
                 metrics.REQUEST_QUEUE_DURATION.observe(now - row.seq.arrival_time)
         try:
             logits = self.runner.run(out)
-            tokens, logprobs = sample(logits, out.sampling)
+            sampled = sample(logits.sampling, out.sampling, self.scheduler.eos_token_ids)
+            prompt_scores = self._prompt_scores(logits)
         except Exception as exc:  # keep serving the others; these rows fail with a message
             log.exception("forward pass failed for %d rows", len(out.rows))
             for row in out.rows:
@@ -176,29 +231,74 @@ class LLMEngine:
                 self._report_finish(row.seq, error=f"generation failed: {type(exc).__name__}")
             return
         metrics.PROMPT_TOKENS.inc(sum(r.num_tokens for r in out.rows if not r.seq.prefill_done))
-        for update, logprob in zip(self.scheduler.postprocess(out, tokens), logprobs, strict=True):
-            self._report_token(update, logprob)
+        for i, why in sampled.errors.items():
+            log.warning("request %d failed alone in its step: %s", out.sampling[i].seq_id, why)
+        top_by_seq = {
+            s.seq_id: (lp, top)
+            for s, lp, top in zip(out.sampling, sampled.logprobs, sampled.top, strict=True)
+        }
+        for update in self.scheduler.postprocess(out, sampled.tokens, prompt_scores, sampled.errors):
+            logprob, top = top_by_seq[update.seq.seq_id]
+            self._report_token(update, logprob, top)
+        metrics.BATCH_SIZE.set(len(self.scheduler.running))  # rows that just finished are gone
 
-    def _report_token(self, update: TokenUpdate, logprob: float) -> None:
+    def _prompt_scores(self, logits: StepLogits) -> dict[int, tuple[int, list[PromptToken]]]:
+        """Each scored prompt chunk as PromptTokens (the first prompt token, which nothing predicts, has none)."""
+        scores: dict[int, tuple[int, list[PromptToken]]] = {}
+        for chunk in logits.prompt:
+            seq = chunk.seq
+            done = seq.num_computed  # the chunk's first token (postprocess has not advanced it yet)
+            entries = [] if done else [PromptToken(seq.prompt_ids[0], self._text(seq.prompt_ids[0]), None)]
+            count = seq.params.prompt_logprobs or 0
+            for target, (logprob, top) in zip(
+                chunk.targets, prompt_logprobs(chunk.logits, chunk.targets, count), strict=True
+            ):
+                entries.append(PromptToken(target, self._text(target), logprob, self._alternatives(top)))
+            scores[seq.seq_id] = (done + 1 if done else 0, entries)
+        return scores
+
+    def _text(self, token: int) -> str:
+        return self.loaded.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _alternatives(self, top: TopLogprobs) -> tuple[TokenLogprob, ...]:
+        return tuple(TokenLogprob(t, self._text(t), lp) for t, lp in top)
+
+    def _report_token(self, update: TokenUpdate, logprob: float, top: TopLogprobs) -> None:
         seq, token = update.seq, update.token
+        if token < 0:  # finished without a token: scored its prompt only, or failed
+            self._report_finish(seq, error=update.error, prompt=update.prompt)
+            return
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
             metrics.TIME_TO_FIRST_TOKEN.observe(seq.first_token_time - seq.arrival_time)
-        token_text = self.loaded.tokenizer.decode([token], skip_special_tokens=False)
         event = TokenEvent(
-            token, token_text, logprob, token in self._special_ids, update.text_delta, update.finish_reason
+            token,
+            self._text(token),
+            logprob,
+            token in self._special_ids,
+            update.text_delta,
+            update.finish_reason,
+            update.error,
+            self._alternatives(top),
+            update.prompt,
         )
         self._emit(seq, event)
         if update.finish_reason is not None:
             self._report_finish(seq, emit=False)
 
-    def _report_finish(self, seq: Sequence, error: str | None = None, emit: bool = True) -> None:
+    def _report_finish(
+        self,
+        seq: Sequence,
+        error: str | None = None,
+        emit: bool = True,
+        prompt: tuple[PromptToken, ...] | None = None,
+    ) -> None:
         """Metrics and the last event of a sequence the scheduler has finished."""
         reason = seq.finish_reason
         assert reason is not None
         seq.prefix = None  # the pool holds what running rows need; let the registry's memory go
         if emit:
-            self._emit(seq, TokenEvent(-1, "", 0.0, False, "", reason, error))
+            self._emit(seq, TokenEvent(-1, "", 0.0, False, "", reason, error, prompt=prompt))
         now = time.monotonic()
         metrics.REQUEST_COUNT.labels(reason.value).inc()
         if reason in (FinishReason.LENGTH, FinishReason.EOS, FinishReason.STOP_SEQUENCE):
@@ -250,7 +350,7 @@ class LLMEngine:
             self._wakeup.notify()
 
     def cancel_all(self) -> None:
-        for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+        for seq in self.scheduler.waiting_list() + list(self.scheduler.running):
             self.cancel(seq)
 
     def join(self, timeout: float | None = None) -> bool:
@@ -263,7 +363,11 @@ class LLMEngine:
         return _adapter_names(list(self.scheduler.running))
 
     def waiting_adapters(self) -> list[str]:
-        return _adapter_names(list(self.scheduler.waiting))
+        return _adapter_names(self.scheduler.waiting_list())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
 
     @property
     def num_running(self) -> int:

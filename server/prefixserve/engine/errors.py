@@ -23,3 +23,7 @@ class EngineStoppedError(EngineError):
 
 class UnsupportedModelError(Exception):
     """The base model cannot be served exactly; raised at start-up."""
+
+
+class ModelLoadError(Exception):
+    """`--model` names something that cannot be loaded (missing, not a model, not cached offline)."""

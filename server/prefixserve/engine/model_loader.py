@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from prefixserve.adapters.format import KVShape
 from prefixserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
-from prefixserve.engine.errors import UnsupportedModelError
+from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
 from prefixserve.engine.packed_linear import pack_linears, packing_available
 from prefixserve.engine.paged_attention import ATTN_IMPLEMENTATION, register
 
@@ -101,17 +101,27 @@ def check_servable(config: PretrainedConfig, max_total_tokens: int) -> int:
     return length
 
 
+def first_line(exc: BaseException) -> str:
+    """transformers' loading errors run to several lines; a start-up failure is reported in one."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def load_model(model: str, device: str, dtype: str, max_total_tokens: int) -> LoadedModel:
     hf_logging.disable_progress_bar()  # a server logs lines, not progress bars
     path = resolve_model_path(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load --model {model}: {first_line(exc)}") from exc
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_length = check_servable(text_config, max_total_tokens)
     register()
     try:  # loading with SDPA first checks that the architecture supports it: the paged path falls back to it
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+    except OSError as exc:  # no weights, or unreadable ones
+        raise ModelLoadError(f"cannot load the weights of --model {model}: {first_line(exc)}") from exc
     except ValueError as exc:
         raise UnsupportedModelError(
             f"{config.model_type} has no SDPA attention in transformers, which prefixserve's paged attention "
@@ -126,7 +136,10 @@ def load_model(model: str, device: str, dtype: str, max_total_tokens: int) -> Lo
     hf_model.requires_grad_(False).eval().to(dev)
     if packing_available(dev):
         log.info("oneDNN prepacked weights for %d linear layers", pack_linears(hf_model))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of --model {model}: {first_line(exc)}") from exc
     eos = set()
     for source in (getattr(hf_model, "generation_config", None), tokenizer):
         value = getattr(source, "eos_token_id", None)

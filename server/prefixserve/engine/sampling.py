@@ -1,46 +1,97 @@
-"""Per-row next-token choice: greedy, or sampling with each row's own temperature/top-k/top-p/seed.
+"""Per-row next-token choice (greedy, or sampling with each row's own temperature/top-k/top-p/seed) and the
+log-probabilities reported with it: the chosen token's, its most likely alternatives, and a prompt's.
 
-Processing order follows transformers' `generate`: repetition penalty, temperature, top-k, top-p.
+Logits are first processed per row (logits_processors.py: penalties, bias, min tokens, grammar), then
+temperature, top-k and top-p, transformers' order. Log-probabilities are the log-softmax of the model's raw
+logits, what PEFT computes for the same adapter and prompt. A row
+whose numbers went wrong (NaN or infinite logits, e.g. from an adapter with extreme values, or no token its
+grammar allows) fails alone: the other rows of the step get exactly the tokens they would have got without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
 import torch
 
+from prefixserve.engine.logits_processors import process_logits
 from prefixserve.engine.sequence import SamplingParams, Sequence
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+NON_FINITE = (
+    "the model produced NaN or infinite scores for this request (its adapter may hold extreme values)"
+)
+NOTHING_ALLOWED = "no token is left to choose for this request: its penalties, bias or grammar rule out all"
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-    """Pick one token per row of `logits` ([rows, vocab], float32); return the tokens and their log-probs."""
+
+@dataclass
+class Sampled:
+    tokens: list[int]  # -1 for a failed row
+    logprobs: list[float]
+    top: list[TopLogprobs]  # per row: its `params.logprobs` most likely tokens (empty when 0)
+    errors: dict[int, str] = field(default_factory=dict)  # rows that failed: a message each
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection[int] = ()) -> Sampled:
+    """Pick one token per row of `logits` ([rows, vocab], float32)."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    tokens = logits.argmax(dim=-1)
-    special = [
-        i for i, s in enumerate(seqs) if s.params.do_sample or s.params.repetition_penalty not in (None, 1.0)
+    # -inf is a masked token; NaN, +inf, or nothing finite at all is a failure (argmax would pick token 0,
+    # often end-of-sequence, and the request would end looking successful).
+    failed = {i: NON_FINITE for i in _broken(logits)}
+    scores = process_logits(logits, seqs, eos_token_ids)
+    for i in _broken(scores):
+        failed.setdefault(i, NOTHING_ALLOWED)
+    tokens = scores.argmax(dim=-1).clone()
+    for i, seq in enumerate(seqs):
+        if seq.params.do_sample and i not in failed:
+            try:
+                tokens[i] = _draw(scores[i], seq)
+            except (RuntimeError, ValueError) as exc:  # torch's multinomial on a broken distribution
+                failed[i] = f"sampling failed for this request: {exc}"
+    for i in failed:
+        tokens[i] = 0  # a placeholder to gather from; reported as -1
+    chosen = logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+    out = tokens.tolist()
+    for i in failed:
+        out[i], chosen[i] = -1, 0.0
+    return Sampled(out, chosen, top_logprobs(logprobs, [s.params.logprobs for s in seqs]), failed)
+
+
+def _broken(scores: torch.Tensor) -> list[int]:
+    bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | ~torch.isfinite(scores).any(-1)
+    return bad.nonzero().view(-1).tolist()
+
+
+def top_logprobs(logprobs: torch.Tensor, counts: list[int]) -> list[TopLogprobs]:
+    """The `counts[i]` most likely tokens of each row, one `topk` for all rows."""
+    k = max(counts, default=0)
+    if k == 0:
+        return [[] for _ in counts]
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+    pairs = [
+        list(zip(row_ids, row_values, strict=True))
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
     ]
-    if special:
-        tokens = tokens.clone()
-        for i in special:
-            tokens[i] = _choose(logits[i], seqs[i])
-    chosen = logprobs.gather(1, tokens.view(-1, 1)).view(-1)
-    return tokens.tolist(), chosen.tolist()
+    return [row[:n] for row, n in zip(pairs, counts, strict=True)]
 
 
-def _choose(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    params = seq.params
-    scores = row.clone()
-    if params.repetition_penalty not in (None, 1.0):
-        scores = apply_repetition_penalty(scores, seq.prompt_ids + seq.output_ids, params.repetition_penalty)
-    if not params.do_sample:
-        return scores.argmax()
-    scores = filter_scores(scores, params)
-    probs = torch.softmax(scores, dim=-1)
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], count: int) -> list[tuple[float, TopLogprobs]]:
+    """Log-probability of each target token under the logits of the position before it, and the top `count`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device).view(-1, 1)).view(-1).tolist()
+    top = top_logprobs(logprobs, [count] * len(targets))
+    return list(zip(chosen, top, strict=True))
+
+
+def _draw(scores: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    probs = torch.softmax(_check(filter_scores(scores, seq.params)), dim=-1)
     return torch.multinomial(probs, 1, generator=seq.generator)[0]
 
 
-def apply_repetition_penalty(scores: torch.Tensor, seen_ids: list[int], penalty: float) -> torch.Tensor:
-    ids = torch.tensor(sorted(set(seen_ids)), device=scores.device, dtype=torch.long)
-    seen = scores[ids]
-    scores[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+def _check(scores: torch.Tensor) -> torch.Tensor:
+    if bool(torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any()):
+        raise ValueError("the penalized or scaled scores are NaN or infinite")
     return scores
 
 

@@ -7,6 +7,11 @@ row holds it already). When a decoding row needs a block and none is free, the n
 gives its blocks back and waits at the head of the queue to be recomputed, so the pool, not the request,
 decides how much runs at once, and no request fails for lack of memory.
 
+Tenants are served fairly: waiting requests are admitted round-robin across tenants (`FairQueue`), and a
+tenant with no running row whose request cannot get a row or blocks takes them from the tenant holding the
+most rows (its newest is preempted, while it keeps at least one), so one tenant's long requests cannot hold
+every row while another tenant waits.
+
 `schedule()` and `postprocess()` are the only places that change a sequence's state; what they change in
 the pool is returned as data (`SchedulerOutput.prefix_fills`) for the model runner to carry out.
 """
@@ -14,14 +19,15 @@ the pool is returned as data (`SchedulerOutput.prefix_fills`) for the model runn
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from prefixserve.adapters.registry import LoadedPrefix
 from prefixserve.engine.block_manager import BlockManager, blocks_for
 from prefixserve.engine.errors import QueueFullError
-from prefixserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from prefixserve.engine.fair_queue import FairQueue
+from prefixserve.engine.sequence import FinishReason, PromptToken, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,11 @@ class SchedulerOutput:
 @dataclass(frozen=True)
 class TokenUpdate:
     seq: Sequence
-    token: int
+    token: int  # -1: the row finished without a new token (max_new_tokens=0, or it failed)
     text_delta: str
     finish_reason: FinishReason | None
+    prompt: tuple[PromptToken, ...] | None = None  # the prompt's log-probabilities, with the first update
+    error: str | None = None
 
 
 class Scheduler:
@@ -75,7 +83,7 @@ class Scheduler:
         self.max_step_tokens = max_step_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_length = max_length
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = FairQueue()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self._lock = threading.Lock()  # `add` runs on request threads, everything else on the engine's
 
@@ -93,12 +101,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def waiting_list(self) -> list[Sequence]:
+        """A copy of the waiting requests, safe to take from another thread."""
+        with self._lock:
+            return list(self.waiting)
+
     def take_cancelled(self) -> list[Sequence]:
         """Remove cancelled requests, waiting or running, and free their blocks."""
         with self._lock:
-            cancelled = [s for s in self.waiting if s.cancelled]
-            if cancelled:
-                self.waiting = deque(s for s in self.waiting if not s.cancelled)
+            cancelled = self.waiting.remove_if(lambda s: s.cancelled)
         for seq in [s for s in self.running if s.cancelled]:
             self._release(seq)
             cancelled.append(seq)
@@ -129,7 +140,7 @@ class Scheduler:
             if n == 0:
                 continue
             while not self.blocks.grow(seq.blocks, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = self._newest_of_richest()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if (row := scheduled.pop(victim.seq_id, None)) is not None:
@@ -145,16 +156,32 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, scheduled: dict[int, ScheduledRow], budget: int) -> None:
-        while budget > 0 and len(self.running) < self.max_rows:
+        while budget > 0:
             with self._lock:
-                if not self.waiting:
+                seq = self.waiting.peek()
+                if seq is None:
                     return
-                seq = self.waiting[0]
                 n = min(seq.num_uncomputed, budget)
-                cost = self.blocks.prefix_cost(seq.prefix_key, seq.num_virtual_tokens)
-                if cost + blocks_for(seq.num_computed + n, self.blocks.block_size) > self.blocks.num_free:
-                    return
-                self.waiting.popleft()
+                victims = []
+                if not self._fits(seq, n):
+                    seq = self._starving()
+                    if seq is None:
+                        return
+                    n = min(seq.num_uncomputed, budget)
+                    while not self._fits(seq, n) and (victim := self._fair_share_victim(seq.tenant)):
+                        self._release(victim)
+                        victims.append(victim)
+                        if (row := scheduled.pop(victim.seq_id, None)) is not None:
+                            budget += row.num_tokens
+                            n = min(seq.num_uncomputed, budget)
+                fits = self._fits(seq, n)
+                if fits:
+                    self.waiting.pop(seq)
+                for victim in reversed(victims):  # queued after `seq` left: they go first next time
+                    self._requeue(victim)
+                    out.preempted.append(victim)
+            if not fits:
+                return
             if seq.prefix is not None:
                 fill = self.blocks.acquire_prefix(seq.blocks, seq.prefix_key, seq.num_virtual_tokens)
                 assert fill is not None, "checked against num_free above"
@@ -167,29 +194,91 @@ class Scheduler:
             scheduled[seq.seq_id] = ScheduledRow(seq, n)
             budget -= n
 
-    def postprocess(self, out: SchedulerOutput, tokens: list[int]) -> list[TokenUpdate]:
+    def _fits(self, seq: Sequence, n: int) -> bool:
+        """Whether `seq` can start now with its first `n` tokens: a free row, and blocks for them (and for its
+        prefix, unless a running row holds it already)."""
+        cost = self.blocks.prefix_cost(seq.prefix_key, seq.num_virtual_tokens)
+        blocks = cost + blocks_for(seq.num_computed + n, self.blocks.block_size)
+        return len(self.running) < self.max_rows and blocks <= self.blocks.num_free
+
+    def _starving(self) -> Sequence | None:
+        """The next request of the first tenant in turn that has no running row, if any."""
+        running = {s.tenant for s in self.running}
+        return next((seq for seq in self.waiting.heads() if seq.tenant not in running), None)
+
+    def _fair_share_victim(self, tenant: str) -> Sequence | None:
+        """The row to push out so that `tenant`, which has none running, gets one: the newest row of a tenant
+        with the most rows, as long as that tenant keeps one. None when no tenant has two."""
+        rows = Counter(s.tenant for s in self.running)
+        if rows[tenant] or not rows or max(rows.values()) < 2:
+            return None
+        return self._newest_of_richest()
+
+    def _newest_of_richest(self) -> Sequence:
+        """The newest running row among the tenants holding the most rows (with one tenant: the newest)."""
+        rows = Counter(s.tenant for s in self.running)
+        most = max(rows.values())
+        return next(s for s in reversed(self.running) if rows[s.tenant] == most)
+
+    def postprocess(
+        self,
+        out: SchedulerOutput,
+        tokens: list[int],
+        prompt_scores: dict[int, tuple[int, list[PromptToken]]] | None = None,
+        failed: Mapping[int, str] | None = None,
+    ) -> list[TokenUpdate]:
         """Advance every row by what it took in; append the sampled `tokens` (one per `out.sampling` row, in
-        order), detokenize, and finish the rows that are done, freeing their blocks."""
+        order), detokenize, and finish the rows that are done, freeing their blocks. `prompt_scores` maps a
+        row's id to (index of its first scored prompt token, entries); a recomputed row keeps what it had.
+        Rows in `failed` (index into `out.sampling` → why) finish with an error instead."""
+        for seq_id, (first, entries) in (prompt_scores or {}).items():
+            seq = next(r.seq for r in out.rows if r.seq.seq_id == seq_id)
+            seq.prompt_logprobs += entries[len(seq.prompt_logprobs) - first :]
         for row in out.rows:
             row.seq.num_computed += row.num_tokens
         updates = []
-        for seq, token in zip(out.sampling, tokens, strict=True):
-            seq.append_output(token)
-            assert seq.text is not None
-            delta = seq.text.add(token)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                delta += seq.text.finish()
-                self.finish(seq, reason)
-            updates.append(TokenUpdate(seq, token, delta, reason))
+        for i, (seq, token) in enumerate(zip(out.sampling, tokens, strict=True)):
+            if failed and i in failed:
+                self.finish(seq, FinishReason.ERROR)
+                updates.append(TokenUpdate(seq, -1, "", FinishReason.ERROR, error=failed[i]))
+                continue
+            prompt = None
+            if seq.params.prompt_logprobs is not None and not seq.prompt_reported:
+                seq.prompt_reported = True
+                prompt = tuple(seq.prompt_logprobs)
+            if seq.params.max_new_tokens == 0:  # scored its prompt: nothing to generate
+                self.finish(seq, FinishReason.LENGTH)
+                updates.append(TokenUpdate(seq, -1, "", FinishReason.LENGTH, prompt))
+                continue
+            updates.append(self._append(seq, token, prompt))
         return updates
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        if token in self.eos_token_ids and not seq.params.ignore_eos:
-            return FinishReason.EOS
+    def _append(self, seq: Sequence, token: int, prompt: tuple[PromptToken, ...] | None) -> TokenUpdate:
+        seq.append_output(token)
         assert seq.text is not None
-        if seq.text.stopped:
-            return FinishReason.STOP_SEQUENCE
+        delta = seq.text.add(token, match_stops=len(seq.output_ids) >= seq.params.min_new_tokens)
+        reason = self._finish_reason(seq, token)
+        if seq.constraint is not None and reason is None:
+            try:
+                seq.constraint.accept(token)
+            except RuntimeError as exc:
+                self.finish(seq, FinishReason.ERROR)
+                return TokenUpdate(seq, token, delta, FinishReason.ERROR, prompt, error=str(exc))
+            if seq.constraint.done:  # the structured output is complete
+                reason = FinishReason.EOS
+        if reason is not None:
+            delta += seq.text.finish()
+            self.finish(seq, reason)
+        return TokenUpdate(seq, token, delta, reason, prompt)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if len(seq.output_ids) >= p.min_new_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return FinishReason.EOS
+            assert seq.text is not None
+            if seq.text.stopped or token in p.stop_token_ids:
+                return FinishReason.STOP_SEQUENCE
         full = self.max_length is not None and seq.num_virtual_tokens + len(seq.token_ids) >= self.max_length
         if len(seq.output_ids) >= (seq.params.max_new_tokens or 0) or full:
             return FinishReason.LENGTH
@@ -212,8 +301,12 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
+        with self._lock:
+            self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """A row whose blocks were released waits at the head of the queue, to be recomputed from 0."""
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        with self._lock:
-            self.waiting.appendleft(seq)
+        self.waiting.push_front(seq)

@@ -13,23 +13,66 @@ import torch
 from prefixserve.adapters.registry import LoadedPrefix
 from prefixserve.engine.block_manager import RowBlocks
 from prefixserve.engine.detokenizer import OutputText
+from prefixserve.engine.structured_output import Constraint
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on the output: `kind` is "json_schema" (value: the schema as JSON text), "json_object"
+    (any JSON object), "regex" or "lark". Compiled and checked when the request is submitted."""
+
+    kind: str
+    value: str = ""
+
+
+# Ranges in which scaling fp32 logits cannot overflow (1e-300 is 0 in fp32: a division by zero). vLLM also
+# treats temperatures below 0.01 as numerically unsafe.
+TEMPERATURE_RANGE = (0.01, 100.0)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+MAX_STOP_CHARS = 256  # per stop sequence
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int | None = None  # None: the engine's default, clamped to the room left in the row
+    # None: the engine's default, clamped to the room left in the row. 0 is allowed only with
+    # prompt_logprobs: the request scores its prompt and generates nothing (evaluation harnesses).
+    max_new_tokens: int | None = None
+    min_new_tokens: int = 0  # end-of-sequence, stop tokens and stop strings are held off until then
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = None  # HF's: over prompt and output
+    presence_penalty: float = 0.0  # OpenAI's: over the output so far
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int = 0  # most likely alternatives reported with each generated token
+    prompt_logprobs: int | None = None  # None: not computed; n: each prompt token's log-prob and top n
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the raw logits are changed before the choice (penalties, bias, grammar, min tokens)."""
+        return bool(
+            self.repetition_penalty not in (None, 1.0)
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.logit_bias
+            or self.grammar is not None
+            or self.min_new_tokens
+        )
 
 
 class FinishReason(str, enum.Enum):
@@ -47,16 +90,34 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(frozen=True)
-class TokenEvent:
-    """What the engine reports after each step for one request."""
-
+class TokenLogprob:
     token_id: int
-    token_text: str
+    text: str
     logprob: float
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    token_id: int
+    text: str
+    logprob: float | None  # None for the first prompt token: nothing predicts it
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What the engine reports after each step for one request. A request's first event carries its prompt's
+    log-probabilities when they were asked for; with max_new_tokens=0 that is its only (finishing) event."""
+
+    token_id: int  # -1: no token (a finish without one: cancelled, failed, or nothing to generate)
+    token_text: str
+    logprob: float  # the model's log-probability of the token (log-softmax of the raw logits)
     special: bool
     text_delta: str  # new output text that is safe to show (stop sequences held back)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    top: tuple[TokenLogprob, ...] = ()  # the `params.logprobs` most likely tokens at this step
+    prompt: tuple[PromptToken, ...] | None = None
 
 
 OutputSink = Callable[[TokenEvent], None]
@@ -73,6 +134,7 @@ class Sequence:
     params: SamplingParams
     prefix: LoadedPrefix | None
     sink: OutputSink
+    tenant: str = ""  # whose request: the waiting queue takes tenants in turn
     seq_id: int = field(default_factory=lambda: next(_ids))
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -87,6 +149,9 @@ class Sequence:
     first_token_time: float | None = None
     admitted_time: float | None = None
     text: OutputText | None = None
+    constraint: Constraint | None = None  # the grammar's state, when the output is constrained
+    prompt_logprobs: list[PromptToken] = field(default_factory=list)  # filled as the prompt is taken in
+    prompt_reported: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids) + self.output_ids
@@ -121,6 +186,11 @@ class Sequence:
     def append_output(self, token: int) -> None:
         self.output_ids.append(token)
         self.token_ids.append(token)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether this step's prompt tokens still need their log-probabilities (not after a recompute)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from prefixserve.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_MIN_STEPS
+
 
 class DType(str, Enum):
     auto = "auto"
@@ -53,9 +55,14 @@ def train_command(
     init_chat_template: bool = typer.Option(
         False, help="With --init text: wrap the text as a system message in the model's chat template."
     ),
-    learning_rate: float = typer.Option(3e-4, min=0.0, help="Peak learning rate (linear decay)."),
-    epochs: float = typer.Option(
-        3.0, min=0.0, help="Passes over the data (ignored when --max-steps is set)."
+    learning_rate: float = typer.Option(
+        DEFAULT_LEARNING_RATE, min=0.0, help="Peak learning rate (linear decay); see docs/training.md."
+    ),
+    epochs: float | None = typer.Option(
+        None,
+        min=0.0,
+        help=f"Passes over the data (ignored when --max-steps is set). Default: {DEFAULT_EPOCHS:g}, and at "
+        f"least {DEFAULT_MIN_STEPS} steps in all, so that a small data set still trains long enough.",
     ),
     max_steps: int | None = typer.Option(None, min=1, help="Stop after this many optimizer steps."),
     batch_size: int = typer.Option(8, min=1, help="Rows per step on the device."),
@@ -91,6 +98,10 @@ def train_command(
             from prefixserve.training.upload import check_adapter_id
 
             check_adapter_id(adapter_id)  # a bad id fails now, not after training
+        if upload:
+            from prefixserve.training.upload import check_server
+
+            check_server(upload, api_key)  # so does a server that is down, or a wrong key
         from prefixserve.training.train import train_adapter
 
         result = train_adapter(

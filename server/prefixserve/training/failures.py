@@ -53,7 +53,7 @@ def flat_loss_hint(before: float, after: float, opts: TrainOptions, steps: int) 
             "use --prefix-projection, or a learning rate around 1e-2"
         )
     if lr < 1e-4:
-        return head + f"--learning-rate {lr:g} is very low; try 3e-4 to 1e-2"
+        return head + f"--learning-rate {lr:g} is very low; try 1e-3 to 1e-2 (the default is 1e-2)"
     return head + "raise --learning-rate, train longer (--epochs / --max-steps), or check the data"
 
 

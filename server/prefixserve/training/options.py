@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from prefixserve.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_MIN_STEPS
 from prefixserve.training.errors import TrainingError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,8 +28,8 @@ class TrainOptions:
     init_chat_template: bool = (
         False  # text init: wrap the text as a system message (PEFT's use_chat_template)
     )
-    learning_rate: float = 3e-4
-    epochs: float = 3.0
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    epochs: float | None = None  # None: DEFAULT_EPOCHS, and at least DEFAULT_MIN_STEPS steps
     max_steps: int | None = None  # overrides epochs
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -81,8 +83,17 @@ class TrainOptions:
             raise TrainingError(
                 "--batch-size and --gradient-accumulation-steps must be >= 1, --max-length >= 2"
             )
-        if self.max_steps is None and self.epochs <= 0:
+        if self.max_steps is None and self.epochs is not None and self.epochs <= 0:
             raise TrainingError("--epochs must be > 0 (or give --max-steps)")
+
+    def planned_steps(self, num_examples: int) -> int:
+        """Optimizer steps of the run: --max-steps, else --epochs, else the default length."""
+        per_epoch = math.ceil(math.ceil(num_examples / self.batch_size) / self.gradient_accumulation_steps)
+        if self.max_steps:
+            return self.max_steps
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * per_epoch))
+        return max(math.ceil(DEFAULT_EPOCHS * per_epoch), DEFAULT_MIN_STEPS)
 
 
 def parse_init(init: str) -> tuple[str, str | None]:

@@ -214,13 +214,11 @@ def _make_trainer(
 ) -> Any:
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    steps_per_epoch = math.ceil(math.ceil(len(train) / opts.batch_size) / opts.gradient_accumulation_steps)
-    total_steps = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
+    total_steps = opts.planned_steps(len(train))
     args = TrainingArguments(
         output_dir=scratch,  # Trainer needs one; nothing is checkpointed (save_strategy="no")
         learning_rate=opts.learning_rate,
-        num_train_epochs=opts.epochs,
-        max_steps=opts.max_steps or -1,
+        max_steps=total_steps,
         per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=opts.batch_size,
         gradient_accumulation_steps=opts.gradient_accumulation_steps,

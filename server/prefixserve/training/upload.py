@@ -20,6 +20,51 @@ def check_adapter_id(adapter_id: str) -> str:
         raise TrainingError(f"--adapter-id: {exc}") from None
 
 
+def _httpx() -> Any:
+    try:
+        import httpx
+    except ImportError:
+        raise TrainingError(
+            "--upload needs httpx: pip install 'prefixserve[train]' (or pip install httpx)"
+        ) from None
+    return httpx
+
+
+def _detail(response: Any) -> str:
+    try:
+        body = response.json()
+        error = body.get("error", body)
+        return f"{body.get('error_type', 'error')}: {error}"
+    except (ValueError, AttributeError):
+        return response.text[:500]
+
+
+def check_server(url: str, api_key: str | None = None, timeout_s: float = 10.0, client: Any = None) -> None:
+    """Before training: the server answers, and takes the key, on the route the upload will use.
+    A training run is not wasted on a server that is down or a key that is wrong."""
+    httpx = _httpx()
+    endpoint = f"{url.rstrip('/')}/v1/adapters?limit=1"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = (client or httpx).get(endpoint, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise TrainingError(
+            f"--upload {url}: cannot reach the server ({exc}); start it (prefixserve serve) or fix the URL. "
+            "Nothing was trained"
+        ) from None
+    if response.status_code in (401, 403):
+        what = "refused the API key" if api_key else "wants an API key"
+        raise TrainingError(
+            f"--upload {url}: the server {what} (HTTP {response.status_code}, {_detail(response)}); pass a valid "
+            "--api-key (or PREFIXSERVE_API_KEY). Nothing was trained"
+        )
+    if response.status_code >= 400:
+        raise TrainingError(
+            f"--upload {url}: GET /v1/adapters answered HTTP {response.status_code} ({_detail(response)}); is it "
+            "a prefixserve server? Nothing was trained"
+        )
+
+
 def upload_adapter(
     adapter_dir: Path,
     url: str,
@@ -29,12 +74,7 @@ def upload_adapter(
     client: Any = None,  # an httpx.Client (tests pass one with a mock transport)
 ) -> dict[str, Any]:
     """Send the two PEFT files once each as multipart field `files`; return the server's JSON reply."""
-    try:
-        import httpx
-    except ImportError:
-        raise TrainingError(
-            "--upload needs httpx: pip install 'prefixserve[train]' (or pip install httpx)"
-        ) from None
+    httpx = _httpx()
     check_adapter_id(adapter_id)
     endpoint = f"{url.rstrip('/')}/v1/adapters/{quote(adapter_id, safe='')}"
     files = [
@@ -48,21 +88,13 @@ def upload_adapter(
         + f"-F files=@{adapter_dir / CONFIG_NAME} -F files=@{adapter_dir / WEIGHTS_NAME}"
     )
     try:
-        if client is None:
-            response = httpx.put(endpoint, files=files, headers=headers, timeout=timeout_s)
-        else:
-            response = client.put(endpoint, files=files, headers=headers, timeout=timeout_s)
+        response = (client or httpx).put(endpoint, files=files, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise TrainingError(f"could not reach {endpoint}: {exc}; is the server running? {saved}") from None
     if response.status_code >= 400:
-        try:
-            body = response.json()
-            detail = f"{body.get('error_type', 'error')}: {body.get('error', body)}"
-        except ValueError:
-            detail = response.text[:500]
         hint = " (pass --api-key)" if response.status_code in (401, 403) else ""
         raise TrainingError(
-            f"the server refused the upload with HTTP {response.status_code}{hint}: {detail}; {saved}"
+            f"the server refused the upload with HTTP {response.status_code}{hint}: {_detail(response)}; {saved}"
         )
     try:
         return dict(response.json())

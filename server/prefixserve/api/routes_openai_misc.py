@@ -1,0 +1,101 @@
+"""The rest of the OpenAI/vLLM surface: models (list and one), and vLLM's /tokenize and /detokenize."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from prefixserve.adapters.errors import AdapterNotFoundError
+from prefixserve.api.errors import APIError
+from prefixserve.api.generation import adapter_ref
+from prefixserve.api.openai_params import refuse
+from prefixserve.api.openai_schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from prefixserve.api.routes_openai import chat_messages
+
+router = APIRouter(tags=["OpenAI-compatible"])
+
+
+def _base_card(state) -> ModelCard:
+    return ModelCard(id=state.model_name, created=int(state.started_at), owned_by="prefixserve")
+
+
+def _adapter_card(state, tenant: str, info) -> ModelCard:
+    return ModelCard(
+        id=info.adapter_id,
+        created=int(info.created_at),
+        owned_by=tenant,
+        root=info.adapter_id,
+        parent=state.model_name,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
+def models(request: Request) -> ModelList:
+    """The base model and the calling tenant's adapters (use an adapter's id as `model`)."""
+    state = request.app.state.server
+    tenant = state.namespace(request)
+    return ModelList(
+        data=[_base_card(state)] + [_adapter_card(state, tenant, i) for i in state.store.list(tenant)]
+    )
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, response_model_exclude_none=True)
+def model(model_id: str, request: Request) -> ModelCard:
+    """One model: the base model's name, or one of the calling tenant's adapters."""
+    state = request.app.state.server
+    if model_id == state.model_name:
+        return _base_card(state)
+    tenant = state.namespace(request)
+    try:
+        return _adapter_card(state, tenant, state.store.info(tenant, model_id))
+    except AdapterNotFoundError as exc:
+        raise APIError(404, f"model {model_id!r} does not exist: {exc}", "not_found") from exc
+
+
+def _check_model(request: Request, model: str) -> None:
+    """`model` must name the base model or adapters that exist: tokenizing does not depend on it, but a
+    client sending the wrong name learns it here rather than at generation."""
+    state = request.app.state.server
+    ref = adapter_ref(model, state.namespace(request), (state.model_name,))
+    for adapter_id in ref[1] if ref else ():
+        state.store.info(ref[0], adapter_id)  # AdapterNotFoundError -> 404
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """vLLM's: the token ids of a prompt, or of chat messages through the chat template."""
+    state = request.app.state.server
+    _check_model(request, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise refuse("prompt/messages", "give exactly one of them")
+    if body.prompt is not None:
+        state.check_chars(len(body.prompt), state.engine.limits.max_input_tokens, "prompt")
+        tokenizer = state.loaded.tokenizer
+        ids = await run_in_threadpool(
+            tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens
+        )
+    else:
+        messages = chat_messages(body.messages)
+        chars = sum(len(m["content"]) for m in messages)
+        state.check_chars(chars, state.engine.limits.max_input_tokens, "messages (all contents together)")
+        ids = await run_in_threadpool(state.encode_chat, messages)
+    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=list(ids))
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """vLLM's: the text of token ids."""
+    state = request.app.state.server
+    _check_model(request, body.model)
+    vocab = state.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise refuse("tokens", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    return DetokenizeResponse(prompt=state.loaded.tokenizer.decode(body.tokens))

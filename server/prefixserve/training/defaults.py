@@ -1,0 +1,8 @@
+"""Training defaults, in a module without torch so that `prefixserve train --help` can show them quickly."""
+
+# Defaults that learn on a small data set (docs/training.md, "Defaults"): PEFT's prefix-tuning recipes
+# train at 1e-2 to 3e-2; and a few dozen rows are only a handful of steps per epoch, so a run without
+# --epochs / --max-steps takes 3 epochs but never fewer than DEFAULT_MIN_STEPS steps.
+DEFAULT_LEARNING_RATE = 1e-2
+DEFAULT_EPOCHS = 3.0
+DEFAULT_MIN_STEPS = 500
