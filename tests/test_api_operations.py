@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from tests.server_process import ServerProcess, upload_files
 from tests.tiny_models import build_model, make_adapter
 
+REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time"
 LONG = 3000  # tokens: several seconds on the slow model, far longer than any test waits
 
@@ -135,6 +140,19 @@ def test_per_tenant_limit(slow_model, tmp_path):
         server.stop()
 
 
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "prefixserve-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    return {m for e in exprs for m in re.findall(r"\b(?:prefixserve_\w+|vllm:\w+)", e)}
+
+
+def gateway_samples(text: str) -> dict[str, Sample]:
+    """The vLLM-named series, parsed as Prometheus text (each has exactly one sample)."""
+    families = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("vllm:")}
+    assert all(len(f.samples) == 1 for f in families.values()), families
+    return {name: f.samples[0] for name, f in families.items()}
+
+
 def test_metrics_and_info(slow_model, tmp_path):
     server = start_server(slow_model, tmp_path)
     try:
@@ -146,6 +164,15 @@ def test_metrics_and_info(slow_model, tmp_path):
         text = httpx.get(f"{server.url}/metrics").text
         assert response.status_code == 200, first
         assert re.search(r'prefixserve_adapter_requests_info\{.*running_adapters="default/steer"', text)
+        # vLLM's names, which a Gateway API Inference Extension endpoint picker scrapes.
+        gateway = gateway_samples(text)
+        assert gateway["vllm:num_requests_running"].value == 1
+        assert gateway["vllm:num_requests_waiting"].value == 0
+        assert 0 < gateway["vllm:kv_cache_usage_perc"].value <= 1
+        lora = gateway["vllm:lora_requests_info"]
+        assert lora.labels["running_lora_adapters"] == "steer" and lora.labels["waiting_lora_adapters"] == ""
+        max_batch_size = httpx.get(f"{server.url}/info").json()["max_batch_size"]
+        assert lora.labels["max_lora"] == str(max_batch_size) and abs(lora.value - time.time()) < 120
         cm.__exit__(None, None, None)
         client.close()
         httpx.post(
@@ -170,6 +197,13 @@ def test_metrics_and_info(slow_model, tmp_path):
         ):
             assert name in text, name
         assert metric(server.url, "prefixserve_adapter_cache_hits_total") >= 1
+        families = list(text_string_to_metric_families(text))
+        exported = {f.name for f in families} | {s.name for f in families for s in f.samples}
+        for name in dashboard_metrics():  # every series the Grafana dashboard queries is exported
+            assert name in exported or re.sub(r"_(total|bucket)$", "", name) in exported, name
+        idle = gateway_samples(httpx.get(f"{server.url}/metrics").text)
+        assert idle["vllm:num_requests_running"].value == 0 and idle["vllm:kv_cache_usage_perc"].value == 0
+        assert idle["vllm:lora_requests_info"].labels["running_lora_adapters"] == ""
         info = httpx.get(f"{server.url}/info").json()
         assert info["model_device_type"] == "cpu" and info["max_total_tokens"] == 4096 and info["version"]
         assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}

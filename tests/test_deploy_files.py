@@ -264,3 +264,44 @@ def test_haproxy_accepts_the_config():
         ln for ln in result.stderr.splitlines() if "WARNING" in ln and "could not resolve address" not in ln
     ]
     assert not warnings, warnings
+
+
+# Grafana
+
+
+def test_grafana_dashboard_is_importable():
+    """Structure only; that every metric it queries is exported is checked against a running server
+    (tests/test_api_operations.py::test_metrics_and_info)."""
+    dashboard = json.loads((DEPLOY / "grafana" / "prefixserve-dashboard.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] == "prefixserve" and dashboard["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+        box = panel["gridPos"]
+        assert box["x"] + box["w"] <= 24, panel["title"]
+        area = {
+            (x, y) for x in range(box["x"], box["x"] + box["w"]) for y in range(box["y"], box["y"] + box["h"])
+        }
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}" and target["expr"].count("(") == target[
+                "expr"
+            ].count(")"), target
+    titles = " ".join(p["title"] for p in panels).lower()
+    for figure in (
+        "tokens / s",
+        "first token",
+        "per output token",
+        "queue",
+        "kv pool",
+        "hit rate",
+        "adapters in use",
+    ):
+        assert figure in titles, figure

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -74,17 +75,41 @@ def test_duplicate_keys_are_refused(tmp_path):
         KeyRing.from_file(path)
 
 
-def test_adapter_info_metric_redacts_names_when_there_are_tenants():
-    from prefixserve.metrics import AdapterInfoCollector
+def _families(names: str) -> dict[str, dict[str, str]]:
+    from prefixserve.metrics_live import AdapterInfoCollector, EngineView, GatewayCollector
 
-    def labels(redact: bool) -> dict[str, str]:
-        collector = AdapterInfoCollector(
-            lambda: ["acme/support", "acme/support"], lambda: ["globex/faq"], 16, redact
-        )
-        return next(iter(collector.collect())).samples[0].labels
+    view = EngineView(
+        num_running=lambda: 2,
+        num_waiting=lambda: 1,
+        kv_cache_usage=lambda: 0.25,
+        running_adapters=lambda: [("acme", "support"), ("acme", "support"), ("acme", "a+b")],
+        waiting_adapters=lambda: [("globex", "faq")],
+        max_adapters=16,
+        model_name="tiny",
+    )
+    out = {}
+    for collector in (AdapterInfoCollector(view, names), GatewayCollector(view, names)):
+        for family in collector.collect():
+            out[family.name] = {**family.samples[0].labels, "value": family.samples[0].value}
+    return out
 
-    plain = labels(redact=False)
-    assert plain["running_adapters"] == "acme/support" and plain["waiting_adapters"] == "globex/faq"
-    hidden = labels(redact=True)
-    assert "acme" not in str(hidden) and "globex" not in str(hidden) and "support" not in str(hidden)
-    assert len(hidden["running_adapters"]) == 12 and hidden["running_adapters"] != hidden["waiting_adapters"]
+
+def test_adapter_metrics_name_adapters_as_requests_do_or_hide_them():
+    plain = _families("plain")
+    info = plain["prefixserve_adapter_requests_info"]
+    assert info["running_adapters"] == "acme/a+b,acme/support" and info["waiting_adapters"] == "globex/faq"
+    lora = plain["vllm:lora_requests_info"]  # what a request's `model` says: no tenant
+    assert (lora["running_lora_adapters"], lora["waiting_lora_adapters"], lora["max_lora"]) == (
+        "a+b,support",
+        "faq",
+        "16",
+    )
+    assert abs(lora["value"] - time.time()) < 60  # when the set last changed, as a Unix time
+    assert plain["vllm:num_requests_running"] == {"model_name": "tiny", "value": 2}
+    assert plain["vllm:num_requests_waiting"]["value"] == 1
+    assert plain["vllm:kv_cache_usage_perc"]["value"] == 0.25
+    hidden = _families("digest")
+    shown = str(hidden["prefixserve_adapter_requests_info"]) + str(hidden["vllm:lora_requests_info"])
+    assert not any(word in shown for word in ("acme", "globex", "support", "faq"))
+    running = hidden["vllm:lora_requests_info"]["running_lora_adapters"].split(",")
+    assert len(running) == 2 and all(len(d) == 12 for d in running)

@@ -34,6 +34,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "host",
         "port",
         "json_logs",
+        "metrics_adapter_names",
         "cors_allow_origins",
         "api_keys_file",
         "allow_anonymous",
@@ -128,6 +129,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
     json_logs: bool = Field(False, description="Log one JSON object per line.")
+    metrics_adapter_names: Literal["plain", "digest"] | None = Field(
+        None,
+        description="How /metrics names adapters in use (it needs no key): plain ids, as requests name them "
+        "(what a gateway's adapter-affinity routing needs), or per-process digests. Default: plain without "
+        "API keys, digest with them.",
+    )
     cors_allow_origins: list[str] = Field(
         default_factory=list,
         description="Origins allowed to call the API from a browser (CORS), e.g. https://app.example.com; "

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
-import time
-from collections.abc import Callable, Iterator
-
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -58,47 +51,3 @@ KV_CACHE_USAGE = Gauge("prefixserve_kv_cache_usage_ratio", "Fraction of the KV b
 PREEMPTIONS = Counter(
     "prefixserve_preemptions", "Rows pushed out of a full KV pool, to be recomputed when blocks free up"
 )
-
-
-class AdapterInfoCollector:
-    """`prefixserve_adapter_requests_info`, in the style of vLLM's `vllm:lora_requests_info`: which adapters the
-    running and waiting requests use, read at scrape time (so no stale label sets pile up). With `redact`
-    (several tenants), each `tenant/adapter` is shown as a keyed digest: stable while the process runs, so
-    operators can still tell adapters apart, but not reversible to a tenant's adapter names."""
-
-    def __init__(
-        self,
-        running: Callable[[], list[str]],
-        waiting: Callable[[], list[str]],
-        max_adapters: int,
-        redact: bool,
-    ) -> None:
-        self._running, self._waiting, self._max = running, waiting, max_adapters
-        self._key = secrets.token_bytes(16) if redact else None
-
-    def _label(self, names: list[str]) -> str:
-        if self._key is not None:
-            names = [hmac.new(self._key, n.encode(), hashlib.sha256).hexdigest()[:12] for n in names]
-        return ",".join(sorted(set(names)))
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "prefixserve_adapter_requests_info",
-            "Adapters in use by running and waiting requests (value: scrape time)",
-            labels=["running_adapters", "waiting_adapters", "max_adapters"],
-        )
-        family.add_metric(
-            [self._label(self._running()), self._label(self._waiting()), str(self._max)], time.time()
-        )
-        yield family
-
-
-_collector: AdapterInfoCollector | None = None
-
-
-def register_adapter_info(collector: AdapterInfoCollector) -> None:
-    global _collector
-    if _collector is not None:
-        REGISTRY.unregister(_collector)
-    REGISTRY.register(collector)
-    _collector = collector

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import Scope
 
-from prefixserve import __version__, metrics
+from prefixserve import __version__
 from prefixserve.adapters.store import AdapterStore
 from prefixserve.api import routes_adapters, routes_generate, routes_openai, routes_openai_misc, routes_ops
 from prefixserve.api.auth import Authenticator, KeyRing, Principal
@@ -26,6 +26,7 @@ from prefixserve.api.generation import TenantLimiter
 from prefixserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from prefixserve.config import Settings
 from prefixserve.console import CONSOLE_PATH, install_console
+from prefixserve.metrics_live import EngineView, register_live_metrics
 from prefixserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -181,14 +182,17 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
     )
     app.state.server = state
     install_error_handlers(app)
-    metrics.register_adapter_info(
-        metrics.AdapterInfoCollector(
-            runtime.engine.running_adapters,
-            runtime.engine.waiting_adapters,
-            runtime.settings.max_batch_size,
-            redact=keyring is not None,
-        )
+    engine = runtime.engine
+    view = EngineView(
+        num_running=lambda: engine.num_running,
+        num_waiting=lambda: engine.num_waiting,
+        kv_cache_usage=engine.kv_cache_usage,
+        running_adapters=engine.running_adapters,
+        waiting_adapters=engine.waiting_adapters,
+        max_adapters=runtime.settings.max_batch_size,
+        model_name=runtime.settings.served_model_name,
     )
+    register_live_metrics(view, runtime.settings.metrics_adapter_names or ("digest" if keyring else "plain"))
 
     # Added last runs first: request id, then the key (from headers only), then the body, counted as it comes.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(runtime.settings))

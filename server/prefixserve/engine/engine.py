@@ -210,7 +210,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
         metrics.BATCH_SIZE.set(len(self.scheduler.running))
-        metrics.KV_CACHE_USAGE.set(self.scheduler.blocks.num_used / self.scheduler.blocks.num_blocks)
+        metrics.KV_CACHE_USAGE.set(self.kv_cache_usage())
         if out.preempted:
             metrics.PREEMPTIONS.inc(len(out.preempted))
         if not out.rows:
@@ -359,11 +359,16 @@ class LLMEngine:
             return not self._thread.is_alive()
         return True
 
-    def running_adapters(self) -> list[str]:
-        return _adapter_names(list(self.scheduler.running))
+    def running_adapters(self) -> list[tuple[str, str]]:
+        """(tenant, adapter name) of each running row that has a prefix; may be called from any thread."""
+        return _adapter_refs(list(self.scheduler.running))
 
-    def waiting_adapters(self) -> list[str]:
-        return _adapter_names(self.scheduler.waiting_list())
+    def waiting_adapters(self) -> list[tuple[str, str]]:
+        return _adapter_refs(self.scheduler.waiting_list())
+
+    def kv_cache_usage(self) -> float:
+        blocks = self.scheduler.blocks
+        return blocks.num_used / blocks.num_blocks
 
     @property
     def vocab_size(self) -> int:
@@ -378,10 +383,10 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
 
-def _adapter_names(seqs: list[Sequence]) -> list[str]:
-    names = []
+def _adapter_refs(seqs: list[Sequence]) -> list[tuple[str, str]]:
+    refs = []
     for seq in seqs:
         prefix = seq.prefix  # read once: the engine thread clears it when the sequence finishes
         if prefix is not None:
-            names.append(f"{prefix.namespace}/{prefix.name}")
-    return names
+            refs.append((prefix.namespace, prefix.name))
+    return refs

@@ -1,0 +1,156 @@
+"""deploy/gateway/ (issue 11): the InferencePool + endpoint-picker example is valid (built-in kinds against
+Kubernetes' schemas, InferencePool and HTTPRoute against their CRDs' schemas in tests/crds/) and fits
+together with deploy/ (selectors, ports, names) and with the metrics the server exports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from prefixserve.config import Settings
+from tests.test_deploy_files import documents, tool
+
+REPO = Path(__file__).resolve().parent.parent
+GATEWAY = REPO / "deploy" / "gateway"
+CRDS = Path(__file__).resolve().parent / "crds"
+
+
+def gateway_objects() -> dict[tuple[str, str], dict]:
+    return {
+        (d["kind"], d["metadata"]["name"]): d
+        for p in sorted(GATEWAY.glob("*.yaml"))
+        if p.name != "kustomization.yaml"
+        for d in documents(p)
+    }
+
+
+def base_objects() -> dict[tuple[str, str], dict]:
+    return {
+        (d["kind"], d["metadata"]["name"]): d
+        for p in sorted((REPO / "deploy").glob("*.yaml"))
+        if p.name != "kustomization.yaml"
+        for d in documents(p)
+    }
+
+
+def strict(schema: dict) -> dict:
+    """The schema as `kubectl apply --validate=strict` applies it: unknown fields are errors (a structural
+    schema otherwise prunes them silently), except where the CRD preserves unknown fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "schema_file"), [("InferencePool", "inferencepool-v1.json"), ("HTTPRoute", "httproute-v1.json")]
+)
+def test_custom_resources_validate_against_their_crds(kind, schema_file):
+    crd = json.loads((CRDS / schema_file).read_text())
+    validator = jsonschema.Draft7Validator(strict(crd["openAPIV3Schema"]))
+    found = [d for (k, _), d in gateway_objects().items() if k == kind]
+    assert found, f"no {kind} in deploy/gateway"
+    for obj in found:
+        assert obj["apiVersion"] == f"{crd['group']}/{crd['version']}"
+        validator.validate(obj)
+    # The schema is strict enough to catch a mistake: a misspelt field is refused.
+    broken = json.loads(json.dumps(found[0]))
+    broken["spec"]["selektor"] = {}
+    with pytest.raises(jsonschema.ValidationError, match="selektor"):
+        validator.validate(broken)
+
+
+def test_built_in_kinds_validate_against_the_kubernetes_schemas(tmp_path):
+    builtin = [d for (k, _), d in gateway_objects().items() if k not in ("InferencePool", "HTTPRoute")]
+    assert {d["kind"] for d in builtin} == {
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+    }
+    path = tmp_path / "builtin.yaml"
+    path.write_text(yaml.safe_dump_all(builtin))
+    from kubernetes_validate.utils import all_versions
+
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", all_versions()[0], str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "ERROR" not in result.stdout + result.stderr, (
+        result.stdout + result.stderr
+    )
+
+
+def test_the_pool_the_picker_and_the_route_fit_together():
+    objects, base = gateway_objects(), base_objects()
+    pool = objects["InferencePool", "prefixserve"]
+    server = base["Deployment", "prefixserve"]["spec"]["template"]
+    # The pool selects the server pods, on the port they serve (and /metrics) on.
+    labels = server["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = server["spec"]["containers"]
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [8000] and 8000 in ports
+    # The picker: its Service, its Deployment's labels and arguments, its config, its RBAC.
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_service = objects["Service", ref["name"]]
+    assert [p["port"] for p in epp_service["spec"]["ports"]] == [ref["port"]["number"]]
+    epp = objects["Deployment", "prefixserve-epp"]["spec"]["template"]
+    assert epp_service["spec"]["selector"].items() <= epp["metadata"]["labels"].items()
+    assert not epp_service["spec"]["selector"].items() <= labels.items()  # never the server pods
+    (picker,) = epp["spec"]["containers"]
+    args = dict(zip(picker["args"][::2], picker["args"][1::2], strict=True))
+    assert args["--pool-name"] == pool["metadata"]["name"] and args["--grpc-port"] == str(
+        ref["port"]["number"]
+    )
+    config_volume = next(v for v in epp["spec"]["volumes"] if v["name"] == picker["volumeMounts"][0]["name"])
+    config = yaml.safe_load(objects["ConfigMap", config_volume["configMap"]["name"]]["data"]["epp.yaml"])
+    profile = {p["pluginRef"] for p in config["schedulingProfiles"][0]["plugins"]}
+    assert profile == {p["type"] for p in config["plugins"]} - {"single-profile-handler"}
+    assert "lora-affinity-scorer" in profile
+    assert (
+        epp["spec"]["serviceAccountName"] == objects["RoleBinding", "prefixserve-epp"]["subjects"][0]["name"]
+    )
+    # The route: OpenAI routes (adapter in `model`) to the pool, the rest to the Service; /metrics nowhere.
+    route = objects["HTTPRoute", "prefixserve"]
+    to_pool, to_service = route["spec"]["rules"]
+    assert to_pool["backendRefs"] == [
+        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}
+    ]
+    assert {m["path"]["value"] for m in to_pool["matches"]} == {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/detokenize",
+    }
+    assert to_service["backendRefs"][0]["name"] == "prefixserve"
+    paths = {m["path"]["value"] for rule in route["spec"]["rules"] for m in rule["matches"]}
+    assert not any("/metrics".startswith(p) and p != "/" for p in paths) and "/metrics" not in paths
+
+
+def test_the_overlay_includes_the_base_and_names_adapters_plainly():
+    kustomization = yaml.safe_load((GATEWAY / "kustomization.yaml").read_text())
+    assert "../" in kustomization["resources"]
+    listed = {r for r in kustomization["resources"] if r != "../"}
+    assert listed == {p.name for p in GATEWAY.glob("*.yaml") if p.name != "kustomization.yaml"}
+    (patch,) = kustomization["patches"]
+    (op,) = yaml.safe_load(patch["patch"])
+    name = op["path"].rsplit("/", 1)[1]
+    assert name == "PREFIXSERVE_METRICS_ADAPTER_NAMES" and op["value"] == "plain"
+    assert Settings(metrics_adapter_names=op["value"]).metrics_adapter_names == "plain"
+    assert patch["target"] == {"kind": "ConfigMap", "name": "prefixserve"}
+    assert ("ConfigMap", "prefixserve") in base_objects()
