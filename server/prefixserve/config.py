@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The sections of `prefixserve serve --help`, in order; tests check that every setting is in exactly one.
@@ -34,13 +34,13 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "host",
         "port",
         "json_logs",
-        "metrics_adapter_names",
         "cors_allow_origins",
         "api_keys_file",
         "allow_anonymous",
         "max_concurrent_per_tenant",
         "drain_seconds",
     ),
+    "observability": ("metrics_adapter_names", "otlp_traces_endpoint"),
 }
 
 
@@ -154,6 +154,25 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM: /ready turns 503, running requests get this long to finish."
     )
+
+    # Observability
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="Send OpenTelemetry traces (OTLP over HTTP, protobuf) to this URL, e.g. "
+        "http://localhost:4318/v1/traces (a URL without a path gets /v1/traces): a span per generation "
+        "request with children for queue, adapter load, prefill and decode. Off by default. The OTEL_* "
+        "variables for the service name, resource attributes, exporter headers and batching apply.",
+    )
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _check_otlp_endpoint(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("http://", "https://")):  # empty: off, as when unset
+            raise ValueError(
+                f"must be the http:// or https:// URL of an OTLP/HTTP receiver (OTLP over gRPC is not "
+                f"supported), e.g. http://localhost:4318/v1/traces; got {url!r}"
+            )
+        return url or None
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,6 +30,9 @@ from prefixserve.console import CONSOLE_PATH, install_console
 from prefixserve.metrics_live import EngineView, register_live_metrics
 from prefixserve.runtime import Runtime
 
+if TYPE_CHECKING:  # imported for real only when tracing is on: off, the OpenTelemetry SDK is never loaded
+    from prefixserve.api.tracing import Tracing
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +49,7 @@ class ServerState:
         self.authenticator = Authenticator(keyring)
         self.limiter = TenantLimiter(runtime.settings.max_concurrent_per_tenant)
         self.started_at = time.time()
+        self.tracing: Tracing | None = None  # set by create_app when --otlp-traces-endpoint is given
         self.draining = False
         self.special_ids = frozenset(runtime.loaded.tokenizer.all_special_ids)
         self.max_model_len = runtime.loaded.max_length
@@ -167,6 +172,8 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
         runtime.engine.stop_accepting()
         runtime.engine.cancel_all()
         await asyncio.to_thread(runtime.engine.join, 10)
+        if state.tracing is not None:
+            await asyncio.to_thread(state.tracing.shutdown)  # the last batch of spans
 
     # /docs with Swagger UI's assets served from the package, not a CDN. No /redoc: ReDoc's page loads
     # its logo from cdn.redoc.ly.
@@ -194,8 +201,17 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
     )
     register_live_metrics(view, runtime.settings.metrics_adapter_names or ("digest" if keyring else "plain"))
 
-    # Added last runs first: request id, then the key (from headers only), then the body, counted as it comes.
+    # Added last runs first: request id, then the key (from headers only), then the trace (when on), then the
+    # body, counted as it comes.
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limits(runtime.settings))
+    if runtime.settings.otlp_traces_endpoint:  # after authentication: a refused key costs no span
+        from prefixserve.api.tracing import Tracing, TracingMiddleware
+
+        state.tracing = Tracing(runtime.settings.otlp_traces_endpoint, state.model_name)
+        generation = [
+            r.path for router in (routes_generate.router, routes_openai.router) for r in router.routes
+        ]
+        app.add_middleware(TracingMiddleware, tracing=state.tracing, routes=generation)
     open_paths = {route.path for route in routes_ops.router.routes}
     open_paths |= {p for p in (DOCS_PATH, app.openapi_url, app.swagger_ui_oauth2_redirect_url) if p}
     app.add_middleware(

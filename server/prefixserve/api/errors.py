@@ -44,6 +44,7 @@ def error_response(
     request: Request, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     metrics.REQUEST_FAILURE.labels(error_type).inc()
+    request.state.error = (error_type, message)  # for the request's trace span, when tracing is on
     body: dict[str, object] = {"error": message, "error_type": error_type}
     if is_openai_path(request.url.path):  # what the openai client reads its error message from
         body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}

@@ -77,10 +77,13 @@ async def start(
             state.limiter.release(tenant)
 
     try:
-        return await submit(state.engine, prompt_ids, adapter, params, release, tenant)
+        stream = await submit(state.engine, prompt_ids, adapter, params, release, tenant)
     except BaseException:
         release()
         raise
+    if state.tracing is not None:
+        state.tracing.track(request, stream.seq, adapter, prompt_ids)
+    return stream
 
 
 @dataclass

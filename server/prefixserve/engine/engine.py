@@ -95,7 +95,9 @@ class LLMEngine:
         RequestValidationError, AdapterError or QueueFullError."""
         if self._stopping:
             raise EngineStoppedError("the server is shutting down; retry on another replica")
+        load_start = time.monotonic()
         prefix = self.registry.get(*adapter) if adapter is not None else None
+        load_end = time.monotonic()
         num_virtual = prefix.num_virtual_tokens if prefix is not None else 0
         if params.max_new_tokens is None:
             room = self.max_length - num_virtual - len(prompt_ids)
@@ -110,6 +112,8 @@ class LLMEngine:
             constraint = self.grammars.constraint(params.grammar.kind, params.grammar.value)
         seq = Sequence(prompt_ids=list(prompt_ids), params=params, prefix=prefix, sink=sink, tenant=tenant)
         seq.constraint = constraint
+        if prefix is not None:
+            seq.adapter_load_start, seq.adapter_load_end = load_start, load_end
         seq.text = OutputText(
             self.loaded.tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
         )

@@ -19,6 +19,7 @@ the pool is returned as data (`SchedulerOutput.prefix_fills`) for the model runn
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -298,6 +299,7 @@ class Scheduler:
     def _mark_finished(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.finish_time = time.monotonic()  # before the finishing event is sent: whoever sees it, sees this
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

@@ -146,8 +146,13 @@ class Sequence:
     finish_reason: FinishReason | None = None
     cancelled: bool = False
     num_preemptions: int = 0
-    first_token_time: float | None = None
+    # time.monotonic() of its events, for metrics and traces: the adapter's lookup (a miss loads it from the
+    # store) before `arrival_time`, the first admission (its prefill starts), the first token, the finish.
+    adapter_load_start: float | None = None
+    adapter_load_end: float | None = None
     admitted_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
     text: OutputText | None = None
     constraint: Constraint | None = None  # the grammar's state, when the output is constrained
     prompt_logprobs: list[PromptToken] = field(default_factory=list)  # filled as the prompt is taken in
