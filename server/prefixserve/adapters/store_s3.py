@@ -98,7 +98,8 @@ class S3Store:
             # `created`: a conditional PUT (If-None-Match: *) creates the object only where there is none,
             # atomically, so of several writers storing a new id at once exactly one is told it created it
             # (as the directory store's hard link does). The others then replace it unconditionally.
-            # SeaweedFS, MinIO, Ceph and AWS S3 (since 2024) support it.
+            # SeaweedFS, MinIO, Ceph and AWS S3 (since 2024) support it; a service that ignored the header
+            # would only make every PUT answer 201.
             try:
                 self.client.put_object(**request, IfNoneMatch="*")
                 created = True
@@ -108,9 +109,8 @@ class S3Store:
                     raise
                 self.client.put_object(**request)
                 created = False
-        return stored_info(
-            namespace, adapter_id, adapter, sha256, len(data), created_at, time.time()
-        ), created
+        info = stored_info(namespace, adapter_id, adapter, sha256, len(data), created_at, time.time())
+        return info, created
 
     def load(self, namespace: str, adapter_id: str) -> tuple[PrefixAdapter, AdapterInfo, Fingerprint]:
         """Read an adapter, verifying its content against the sha256 recorded when it was stored."""
@@ -189,7 +189,8 @@ class S3Store:
             return self._read_info(namespace, adapter_id, key)
         except AdapterNotFoundError:
             return None  # deleted while listing
-        except (InvalidAdapterError, InvalidAdapterIdError, StoreError) as exc:
+        # A StoreError (the service failing, access denied) fails the listing: skipping would hide adapters.
+        except (InvalidAdapterError, InvalidAdapterIdError) as exc:
             log.warning("skipping unreadable entry for adapter %r at %s: %s", adapter_id, self.url(key), exc)
             return None
 
