@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import load_model
 from prefixserve.engine.sequence import SamplingParams
@@ -104,7 +104,13 @@ def bench_peft_one_at_a_time(model_dir: Path, adapters: list[Path], prompts: tor
 def make_engine(model_dir: Path, store_dir: Path, adapters: list[Path], rows: int, length: int) -> LLMEngine:
     loaded = load_model(str(model_dir), "cpu", "float32", length)
     registry = AdapterRegistry(
-        AdapterStore(store_dir), loaded.kv_shape, loaded.dtype, loaded.device, 2**30, 256, refresh_seconds=60
+        DirectoryStore(store_dir),
+        loaded.kv_shape,
+        loaded.dtype,
+        loaded.device,
+        2**30,
+        256,
+        refresh_seconds=60,
     )
     for i, path in enumerate(adapters):
         registry.put("default", f"a{i}", read_adapter_dir(path))

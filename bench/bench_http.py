@@ -24,7 +24,7 @@ from bench.bench_engine import VOCAB, build_adapters, build_model
 from bench.bench_vs_vllm import load, start_prefixserve
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import load_model
 from prefixserve.engine.sequence import SamplingParams
@@ -36,7 +36,13 @@ def direct(
 ) -> float:
     loaded = load_model(str(model), "cpu", dtype, 1024)
     registry = AdapterRegistry(
-        AdapterStore(Path(tempfile.mkdtemp())), loaded.kv_shape, loaded.dtype, loaded.device, 2**29, 256, 2.0
+        DirectoryStore(Path(tempfile.mkdtemp())),
+        loaded.kv_shape,
+        loaded.dtype,
+        loaded.device,
+        2**29,
+        256,
+        2.0,
     )
     for i, path in enumerate(adapters):
         registry.put("default", f"a{i}", read_adapter_dir(path))

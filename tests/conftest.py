@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.s3_server import S3Server, S3ServerError, start_s3_server
 from tests.tiny_models import build_model, make_adapter
 
 torch.set_num_threads(int(os.environ.get("PREFIXSERVE_TEST_THREADS", "2")))
@@ -38,3 +39,23 @@ def adapter_dirs(
             for i, (name, (t, kind)) in enumerate(specs.items())
         }
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """SeaweedFS's S3 gateway on loopback, for the whole session (tests make their own buckets). Missing or
+    failing to start is a test failure, not a skip: the S3 store would go untested."""
+    try:
+        server: S3Server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    except S3ServerError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server: S3Server) -> str:
+    """One bucket for the session's store tests; each test takes a prefix of its own."""
+    return s3_server.new_bucket()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import load_model
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
@@ -50,7 +50,7 @@ def make_engine(
 ) -> LLMEngine:
     loaded = load_model(str(model_dir), "cpu", "float32", max_total_tokens)
     registry = AdapterRegistry(
-        AdapterStore(store_dir),
+        DirectoryStore(store_dir),
         loaded.kv_shape,
         loaded.dtype,
         loaded.device,

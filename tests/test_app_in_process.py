@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from prefixserve.adapters import store as store_module
+from prefixserve.adapters import store_dir as store_module
 from prefixserve.api import app as app_module
 from prefixserve.api.app import create_app
 from prefixserve.config import Settings

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prefixserve.adapters.locations import S3Location, parse_store_location
 from prefixserve.config import Settings
 from prefixserve.server import SHUTDOWN_SECONDS_AFTER_DRAIN
 
@@ -22,6 +23,7 @@ DOCKERFILE = REPO / "Dockerfile"
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker" / "compose.yaml"
 COMPOSE_CPU = REPO / "docker" / "compose.cpu.yaml"
+COMPOSE_S3 = REPO / "docker" / "compose.s3.yaml"
 HAPROXY_CFG = REPO / "docker" / "haproxy.cfg"
 
 
@@ -207,6 +209,10 @@ class ComposeLoader(yaml.SafeLoader):
 
 
 ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": loader.construct_mapping(node)})
+# `!override` replaces a value of the file it overrides (a list, here) instead of merging into it.
+ComposeLoader.add_constructor(
+    "!override", lambda loader, node: {"!override": loader.construct_sequence(node)}
+)
 
 
 def test_cpu_override_drops_every_gpu_reservation_and_builds_the_cpu_wheel():
@@ -220,6 +226,84 @@ def test_cpu_override_drops_every_gpu_reservation_and_builds_the_cpu_wheel():
         assert index == "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
         assert service["image"] != base["replica-1"]["image"]  # the CPU image does not replace the CUDA one
     assert "docker compose -f docker/compose.yaml -f docker/compose.cpu.yaml up" in COMPOSE_CPU.read_text()
+
+
+def test_s3_override_keeps_the_adapters_in_the_bucket_it_creates():
+    base = yaml.safe_load(COMPOSE.read_text())["services"]
+    compose = yaml.load(COMPOSE_S3.read_text(), Loader=ComposeLoader)
+    services = compose["services"]
+    replicas = sorted(name for name in base if name.startswith("replica-"))
+    assert set(services) == {"seaweedfs", "s3-init", *replicas}
+    seaweedfs, init = services["seaweedfs"], services["s3-init"]
+    assert seaweedfs["command"][:2] == ["mini", "-dir=/data"]
+    assert "s3-data:/data" in seaweedfs["volumes"] and "s3-data" in compose["volumes"]
+    port = next(p for p in seaweedfs["expose"])
+    endpoint = f"http://seaweedfs:{port}"
+    bucket_created = re.findall(r"--bucket (\S+)", init["command"][0])
+    assert init["environment"]["AWS_ENDPOINT_URL"] == endpoint and init["depends_on"] == ["seaweedfs"]
+    credentials = {k: v for k, v in seaweedfs["environment"].items() if k.startswith("AWS_")}
+    assert set(credentials) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    for name in replicas:
+        override = services[name]
+        env = {**base[name]["environment"], **override["environment"]}
+        store = parse_store_location(env["PREFIXSERVE_ADAPTER_DIR"])
+        assert isinstance(store, S3Location) and set(bucket_created) == {store.bucket}
+        assert env["AWS_ENDPOINT_URL"] == endpoint
+        assert (
+            {k: env[k] for k in credentials}
+            == credentials
+            == {k: init["environment"][k] for k in credentials}
+        )
+        assert {k for k in env if k.startswith("PREFIXSERVE_")} <= env_settings()
+        # No adapter volume (the old directory's mount is replaced, not merged); the model cache stays.
+        (volumes,) = override["volumes"].values()
+        assert not any(v.startswith("adapters:") for v in volumes) and any(
+            "huggingface" in v for v in volumes
+        )
+        assert override["depends_on"] == {"s3-init": {"condition": "service_completed_successfully"}}
+    text = COMPOSE_S3.read_text()
+    assert "docker compose -f docker/compose.yaml -f docker/compose.s3.yaml up" in text
+
+
+def test_s3_component_builds_a_deployment_without_the_volume_and_validates(tmp_path):
+    """deploy/s3 turned on as deploy/kustomization.yaml says (uncommenting `components`), built by kubectl's
+    kustomize, and the result checked against the Kubernetes schemas."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: it builds the kustomizations (its kustomize); install kubectl")
+    tree = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, tree)
+    kustomization = (tree / "kustomization.yaml").read_text()
+    assert "# components:\n#   - s3\n" in kustomization
+    (tree / "kustomization.yaml").write_text(
+        kustomization.replace("# components:\n#   - s3\n", "components:\n  - s3\n")
+    )
+    built = run(kubectl, "kustomize", str(tree))
+    assert built.returncode == 0, built.stderr
+    out = tmp_path / "built.yaml"
+    out.write_text(built.stdout)
+    from kubernetes_validate.utils import all_versions
+
+    for version in sorted({all_versions()[0], all_versions()[-1]}):
+        result = run(tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(out))
+        assert result.returncode == 0, f"kubernetes {version}:\n{result.stdout}{result.stderr}"
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout)}
+    assert "PersistentVolumeClaim" not in {kind for kind, _ in objects}
+    config = objects[("ConfigMap", "prefixserve")]["data"]
+    store = parse_store_location(config["PREFIXSERVE_ADAPTER_DIR"])
+    assert isinstance(store, S3Location) and config["AWS_ENDPOINT_URL"].startswith("http")
+    assert {k for k in config if k.startswith("PREFIXSERVE_")} <= env_settings()
+    pod = objects[("Deployment", "prefixserve")]["spec"]["template"]["spec"]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    (container,) = pod["containers"]
+    assert "/data/adapters" not in {m["mountPath"] for m in container["volumeMounts"]}
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert set(from_secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for ref in from_secret.values():
+        assert ref["key"] in objects[("Secret", ref["name"])]["stringData"]
+    # And deploy/ as it is still builds with the volume (the component is off by default).
+    default = yaml.safe_load_all(run(kubectl, "kustomize", str(DEPLOY)).stdout)
+    assert "PersistentVolumeClaim" in {d["kind"] for d in default}
 
 
 def test_license_is_the_apache_2_text_that_pyproject_and_the_image_declare():

@@ -1,10 +1,13 @@
-"""Several replicas behind HAProxy on loopback, sharing one adapter store (issue 5).
+"""Several replicas behind HAProxy on loopback, sharing one adapter store (issues 5 and 11).
 
-Three real `prefixserve serve` processes share one adapter directory; HAProxy runs docker/haproxy.cfg
-with only its addresses changed to this machine's loopback ports. Checked here: an adapter uploaded
-through the balancer is served alike by every replica; a replaced or deleted adapter is noticed by every
-replica within the refresh interval; concurrent uploads of one id leave one whole version; and a replica
-stopped (SIGTERM) under load is routed around with no failed request other than those it had in flight.
+Three real `prefixserve serve` processes share one adapter store; HAProxy runs docker/haproxy.cfg with only
+its addresses changed to this machine's loopback ports. Checked here: an adapter uploaded through the
+balancer is served alike by every replica; a replaced or deleted adapter is noticed by every replica within
+the refresh interval; concurrent uploads of one id leave one whole version; and a replica stopped (SIGTERM)
+under load is routed around with no failed request other than those it had in flight.
+
+The store is a shared directory for all of it, and a bucket of a real SeaweedFS on loopback
+(`--adapter-dir s3://...`) for what depends on the store: upload, replace and delete seen by every replica.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 
 class Replica:
-    def __init__(self, name: str, store: Path, log_path: Path) -> None:
+    def __init__(self, name: str, store: str, log_path: Path, env: dict[str, str]) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -82,7 +85,7 @@ class Replica:
             "--model",
             "tiny",
             "--adapter-dir",
-            str(store),
+            store,
             "--port",
             str(self.port),
             "--adapter-refresh-seconds",
@@ -96,10 +99,10 @@ class Replica:
             "--max-input-tokens",
             "128",
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
         env = {k: v for k, v in env.items() if not k.startswith("PREFIXSERVE_")}
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=store.parent
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent
         )
 
     def log(self) -> str:
@@ -257,26 +260,38 @@ def upload_files(adapter_dir: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     ]
 
 
+# The store each test runs on: the shared directory for every test; S3 for those that depend on the store
+# (the rest, routing and draining, is the balancer's and the server's, whatever the store).
+BOTH_STORES = pytest.mark.parametrize("cluster", ["directory", "s3"], indirect=True)
+DIRECTORY = pytest.mark.parametrize("cluster", ["directory"], indirect=True)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("haproxy") is None:
         message = "haproxy is not installed (apt-get install haproxy; .ci/run installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    tmp = tmp_path_factory.mktemp("multi")
-    store = tmp / "shared-store"
-    store.mkdir()
+    tmp = tmp_path_factory.mktemp(f"multi-{request.param}")
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        store, env = f"s3://{s3.new_bucket()}/replicas", s3.env()
+    else:
+        (tmp / "shared-store").mkdir()
+        store, env = str(tmp / "shared-store"), {}
     replicas: dict[str, Replica] = {}
     balancer = None
     try:
         for name in REPLICAS:
-            replicas[name] = Replica(name, store, tmp / f"{name}.log")
+            replicas[name] = Replica(name, store, tmp / f"{name}.log", env)
         # While the replicas load their model: the adapters (PEFT, random prompt encoders).
         adapters = {f"v{seed}": make_adapter(tmp / f"adapter-v{seed}", seed) for seed in (1, 2)}
         deadline = time.monotonic() + 90
         for replica in replicas.values():
             replica.wait_healthy(deadline)
+            if request.param == "s3":
+                assert f"adapter store: {store} (S3 endpoint {s3.endpoint})" in replica.log_path.read_text()
         balancer = Balancer(tmp, {name: r.port for name, r in replicas.items()})
         balancer.wait_all_up(REPLICAS, time.monotonic() + 30)
         yield Cluster(tmp, replicas, balancer, adapters)
@@ -359,6 +374,7 @@ def ensure(cluster: Cluster, adapter_id: str, version: str) -> tuple:
     raise AssertionError(f"{adapter_id} did not reach {version} on every replica")
 
 
+@BOTH_STORES
 def test_upload_through_balancer_then_every_replica_serves_it(cluster):
     lb = cluster.balancer.url
     adapter_id = f"fresh-{uuid.uuid4().hex[:8]}"
@@ -379,6 +395,7 @@ def test_upload_through_balancer_then_every_replica_serves_it(cluster):
         assert info["sha256"] == sha_v1, name
 
 
+@DIRECTORY
 def test_header_requests_stick_to_one_replica(cluster):
     """Consistent hashing on X-Adapter-Id: one adapter, one replica (when there is no overload)."""
     ensure(cluster, "shared", "v1")
@@ -402,6 +419,7 @@ def test_header_requests_stick_to_one_replica(cluster):
     assert r.status_code == 200 and re.fullmatch(r"[0-9A-F-]{20,}", r.headers["X-Request-Id"])
 
 
+@BOTH_STORES
 def test_replaced_adapter_is_seen_by_every_replica_within_refresh(cluster):
     lb = cluster.balancer.url
     v1 = ensure(cluster, "shared", "v1")
@@ -419,6 +437,7 @@ def test_replaced_adapter_is_seen_by_every_replica_within_refresh(cluster):
     assert outputs(lb, "shared") == v2 and outputs(lb, "shared", header=True) == v2
 
 
+@BOTH_STORES
 def test_deleted_adapter_is_404_on_every_replica_within_refresh(cluster):
     lb = cluster.balancer.url
     ensure(cluster, "shared", "v1")
@@ -433,6 +452,7 @@ def test_deleted_adapter_is_404_on_every_replica_within_refresh(cluster):
     assert outputs(lb, "shared", header=True) == 404
 
 
+@DIRECTORY
 def test_concurrent_uploads_of_one_id_leave_one_whole_version(cluster):
     files = {v: upload_files(cluster.adapters[v]) for v in ("v1", "v2")}
     expected = {version_outputs(cluster, "v1"): "v1", version_outputs(cluster, "v2"): "v2"}
@@ -500,6 +520,7 @@ def one_request(client: httpx.Client, kind: str, adapter_id: str) -> tuple[bool,
         return False, rid, f"{type(exc).__name__}: {exc}"
 
 
+@DIRECTORY
 def test_stopping_one_replica_under_load_fails_no_request(cluster):
     lb = cluster.balancer
     adapter_ids = [f"load-{i}" for i in range(12)]

@@ -1,4 +1,8 @@
-"""The durable store (atomic, hashed) and the registry (LRU by bytes, refresh, composition)."""
+"""The durable store (atomic, hashed) and the registry (LRU by bytes, refresh, composition).
+
+The store's promises are checked on both backends (`backend`: a directory, and a bucket of a real
+SeaweedFS on loopback); what only a file system can do (crashes mid-rename, fsync faults, a directory in
+the way) on the directory store. S3-only behaviour: tests/test_store_s3.py."""
 
 from __future__ import annotations
 
@@ -6,11 +10,15 @@ import errno
 import os
 import threading
 import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from prefixserve import metrics
 from prefixserve.adapters.errors import (
@@ -23,7 +31,10 @@ from prefixserve.adapters.errors import (
 )
 from prefixserve.adapters.format import embeddings_to_kv, read_upload
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.store import AdapterStore, open_store
+from prefixserve.adapters.store_dir import DirectoryStore
+from prefixserve.adapters.store_format import header_metadata
+from tests.s3_server import S3Server
 from tests.test_adapter_format import LIMIT, SHAPE, peft_files
 
 
@@ -31,14 +42,58 @@ def adapter(t: int = 5):
     return read_upload(list(peft_files(t=t).items()), LIMIT)
 
 
-def registry(root: Path, cache_bytes: int = 2**20, refresh: float = 0.0, max_t: int = 64) -> AdapterRegistry:
-    return AdapterRegistry(
-        AdapterStore(root), SHAPE, torch.float32, torch.device("cpu"), cache_bytes, max_t, refresh
-    )
+def registry(
+    store: AdapterStore | Path, cache_bytes: int = 2**20, refresh: float = 0.0, max_t: int = 64
+) -> AdapterRegistry:
+    store = DirectoryStore(store) if isinstance(store, Path) else store
+    return AdapterRegistry(store, SHAPE, torch.float32, torch.device("cpu"), cache_bytes, max_t, refresh)
 
 
-def test_put_get_roundtrip_with_hash_and_times(tmp_path):
-    store = AdapterStore(tmp_path)
+@dataclass
+class Backend:
+    """A store location, and raw access to a stored adapter's bytes behind the store's back."""
+
+    kind: str
+    location: str
+    read_raw: Callable[[str, str], bytes]
+    write_raw: Callable[[str, str, bytes], None]
+
+    def open(self) -> AdapterStore:
+        """A store at the location: each call another instance, as another replica would open it."""
+        return open_store(self.location)
+
+
+@pytest.fixture(params=["directory", "s3"])
+def backend(request, tmp_path, monkeypatch) -> Backend:
+    if request.param == "directory":
+
+        def file(namespace: str, adapter_id: str) -> Path:
+            return tmp_path / namespace / f"{adapter_id}.safetensors"
+
+        def write_file(namespace: str, adapter_id: str, data: bytes) -> None:
+            file(namespace, adapter_id).parent.mkdir(parents=True, exist_ok=True)
+            file(namespace, adapter_id).write_bytes(data)
+
+        return Backend("directory", str(tmp_path), lambda ns, i: file(ns, i).read_bytes(), write_file)
+    server: S3Server = request.getfixturevalue("s3_server")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    prefix = f"stores/{uuid.uuid4().hex[:12]}"
+    client = server.client()
+
+    def read_object(namespace: str, adapter_id: str) -> bytes:
+        key = f"{prefix}/{namespace}/{adapter_id}.safetensors"
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def write_object(namespace: str, adapter_id: str, data: bytes) -> None:
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{namespace}/{adapter_id}.safetensors", Body=data)
+
+    return Backend("s3", f"s3://{bucket}/{prefix}", read_object, write_object)
+
+
+def test_put_get_roundtrip_with_hash_and_times(backend):
+    store = backend.open()
     a = adapter()
     info, created = store.put("default", "support", a)
     assert created and len(info.sha256) == 64 and info.size_bytes > 0
@@ -50,25 +105,49 @@ def test_put_get_roundtrip_with_hash_and_times(tmp_path):
     info4, _ = store.put("default", "support", b)
     assert info4.sha256 != info.sha256
     assert [i.adapter_id for i in store.list("default")] == ["support"]
+    listed = store.list("default")[0]
+    assert (listed.sha256, listed.created_at, listed.size_bytes) == (
+        info4.sha256,
+        info.created_at,
+        info4.size_bytes,
+    )
+    assert store.info("default", "support") == listed
+    assert info4.updated_at >= info.updated_at and abs(info4.updated_at - time.time()) < 60
 
 
-def test_namespaces_are_separate(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_namespaces_are_separate(backend):
+    store = backend.open()
     store.put("acme", "support", adapter())
     with pytest.raises(AdapterNotFoundError):
         store.info("globex", "support")
     assert store.list("globex") == []
 
 
-def test_invalid_ids_are_refused(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_invalid_ids_are_refused(backend):
+    store = backend.open()
     for bad in ("../x", "", "a/b", ".hidden", "x" * 129):
         with pytest.raises(InvalidAdapterIdError):
             store.put("default", bad, adapter())
+        with pytest.raises(InvalidAdapterIdError):
+            store.load("default", bad)
+        with pytest.raises(InvalidAdapterIdError):
+            store.put(bad, "a", adapter())
+    with pytest.raises(InvalidAdapterIdError):
+        store.list("../x")
+
+
+def test_deleting_a_missing_adapter_is_not_found(backend):
+    store = backend.open()
+    store.put("default", "a", adapter())
+    store.delete("default", "a")
+    assert store.list("default") == [] and store.fingerprint("default", "a") is None
+    for action in (store.delete, store.info, store.load):
+        with pytest.raises(AdapterNotFoundError):
+            action("default", "a")
 
 
 def test_a_crash_mid_write_leaves_the_old_version(tmp_path, monkeypatch):
-    store = AdapterStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     old, _ = store.put("default", "a", adapter())
 
     def crash(*args, **kwargs):
@@ -82,8 +161,8 @@ def test_a_crash_mid_write_leaves_the_old_version(tmp_path, monkeypatch):
     assert not list((tmp_path / "default").glob(".tmp-*")), "temp file left behind"
 
 
-def test_concurrent_writers_leave_one_complete_version(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_concurrent_writers_leave_one_complete_version(backend):
+    store = backend.open()
     versions = [adapter() for _ in range(6)]
     threads = [threading.Thread(target=store.put, args=("default", "same", v)) for v in versions]
     for t in threads:
@@ -108,9 +187,9 @@ def test_lru_evicts_by_bytes_and_counts(tmp_path):
     assert metrics.ADAPTER_CACHE_EVICTIONS._value.get() == evictions + 1
 
 
-def test_replacement_by_another_replica_is_seen_within_the_refresh_time(tmp_path):
-    reg = registry(tmp_path, refresh=0.2)
-    other_replica = AdapterStore(tmp_path)
+def test_replacement_by_another_replica_is_seen_within_the_refresh_time(backend):
+    reg = registry(backend.open(), refresh=0.2)
+    other_replica = backend.open()
     reg.put("default", "a", adapter())
     old = reg.get("default", ("a",))
     other_replica.put("default", "a", adapter())
@@ -138,30 +217,45 @@ def test_composition_concatenates_in_order_and_is_bounded(tmp_path):
     assert reg.get("default", ("a", "b")).sha256 != ab.sha256
 
 
-def test_missing_adapter(tmp_path):
+def test_missing_adapter(backend):
     with pytest.raises(AdapterNotFoundError, match="PUT /v1/adapters/nope"):
-        registry(tmp_path).get("default", ("nope",))
+        registry(backend.open()).get("default", ("nope",))
 
 
-def test_a_file_changed_on_disk_is_never_served(tmp_path):
-    reg = registry(tmp_path)
+def test_a_file_changed_in_the_store_is_never_served(backend, caplog):
+    reg = registry(backend.open())
     reg.put("default", "a", adapter())
     reg.put("default", "b", other := adapter())
-    path = tmp_path / "default" / "a.safetensors"
-    metadata = AdapterStore(tmp_path).info("default", "a")
-    with open(path, "rb") as fh:  # a's header (id, sha256) kept, b's weights put in
-        header = __import__("safetensors").safe_open(fh.name, "pt").metadata()
-    save_file({"prompt_embeddings": other.embeddings}, str(path), metadata=header)
+    metadata = backend.open().info("default", "a")
+    header = header_metadata(backend.read_raw("default", "a"))  # a's header (id, sha256) kept, b's weights in
+    tampered = save_safetensors({"prompt_embeddings": other.embeddings}, metadata=header)
+    backend.write_raw("default", "a", tampered)
     with pytest.raises(AdapterIntegrityError, match=f"does not match the sha256 recorded.*{metadata.sha256}"):
         reg.get("default", ("a",))
-    assert torch.equal(load_file(str(path))["prompt_embeddings"], other.embeddings)
+    assert "refusing to serve it" in caplog.text
+    assert torch.equal(
+        load_safetensors(backend.read_raw("default", "a"))["prompt_embeddings"], other.embeddings
+    )
     assert reg.get("default", ("b",)).num_virtual_tokens == 5  # other adapters unaffected
 
 
-def test_a_corrupted_stored_file_is_replaced_by_a_put(tmp_path):
-    reg = registry(tmp_path)
+def test_unreadable_entries_are_skipped_in_listings(backend):
+    store = backend.open()
+    store.put("default", "a", adapter())
+    backend.write_raw("default", "junk", b"not a safetensors file")
+    backend.write_raw("default", "empty", b"")
+    assert [i.adapter_id for i in store.list("default")] == ["a"]
+    for bad in ("junk", "empty"):
+        with pytest.raises(InvalidAdapterError, match="unreadable"):
+            store.info("default", bad)
+        with pytest.raises(InvalidAdapterError, match="unreadable"):
+            store.load("default", bad)
+
+
+def test_a_corrupted_stored_file_is_replaced_by_a_put(backend):
+    reg = registry(backend.open())
     old, _ = reg.put("default", "a", adapter())
-    (tmp_path / "default" / "a.safetensors").write_bytes(b"garbage")
+    backend.write_raw("default", "a", b"garbage")
     with pytest.raises(InvalidAdapterError, match="unreadable"):
         reg.get("default", ("a",))
     info, created = reg.put("default", "a", new := adapter())
@@ -180,7 +274,7 @@ def test_a_corrupted_stored_file_is_replaced_by_a_put(tmp_path):
     ],
 )
 def test_storage_faults_are_typed_and_keep_the_old_version(tmp_path, monkeypatch, code, error, message):
-    store = AdapterStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     old, _ = store.put("default", "a", adapter())
 
     def fail(*args):
@@ -197,7 +291,7 @@ def test_storage_faults_are_typed_and_keep_the_old_version(tmp_path, monkeypatch
 
 
 def test_a_directory_in_the_store_is_skipped(tmp_path):
-    store = AdapterStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     store.put("default", "a", adapter())
     (tmp_path / "default" / "x.safetensors").mkdir()
     assert [i.adapter_id for i in store.list("default")] == ["a"]
@@ -229,10 +323,12 @@ def _put_at_once(reg: AdapterRegistry, adapter_id: str, versions: list) -> list:
     return results
 
 
-def test_concurrent_puts_of_one_id_each_describe_their_own_version(tmp_path):
-    reg = registry(tmp_path)
-    for round_ in range(5):
-        versions = [adapter() for _ in range(20)]
+def test_concurrent_puts_of_one_id_each_describe_their_own_version(backend):
+    reg = registry(backend.open())
+    # SeaweedFS serializes conditional creates of one key with 1-second back-offs: fewer writers there.
+    rounds, writers = (5, 20) if backend.kind == "directory" else (3, 6)
+    for round_ in range(rounds):
+        versions = [adapter() for _ in range(writers)]
         results = _put_at_once(reg, f"same-{round_}", versions)
         assert sum(created for _, created in results) == 1, round_  # one writer created it, the rest replaced
         shas = {info.sha256 for info, _ in results}

@@ -48,20 +48,22 @@ def serve(ctx: typer.Context) -> None:
         os.environ.setdefault(name, value)
     settings = _parse_settings(ctx.args)
     from prefixserve.logging_setup import setup_logging
-    from prefixserve.startup import StartupError, bind_socket, locate_model
+    from prefixserve.startup import StartupError, bind_socket, check_adapter_store, locate_model
 
     setup_logging(settings.json_logs)
     try:
         # Both before torch is imported and the model loaded: a busy port or a wrong --model fails at once.
         sock = bind_socket(settings.host, settings.port)
         locate_model(settings.model, f"http://{settings.host}:{settings.port}")
+        check_adapter_store(settings.adapter_dir)
+        from prefixserve.adapters.errors import StoreError
         from prefixserve.api.auth import KeyFileError
         from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
         from prefixserve.server import run
 
         try:
             run(settings, sock)
-        except (KeyFileError, UnsupportedModelError, ModelLoadError) as exc:
+        except (KeyFileError, UnsupportedModelError, ModelLoadError, StoreError) as exc:
             raise StartupError(str(exc)) from None
     except StartupError as exc:
         typer.echo(f"prefixserve: {exc}", err=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prefixserve.adapters.locations import S3Location, parse_store_location
 
 # The sections of `prefixserve serve --help`, in order; tests check that every setting is in exactly one.
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -100,10 +102,14 @@ class Settings(BaseSettings):
     )
 
     # Adapters
-    adapter_dir: Path = Field(
+    # Text, not a Path, until parsed: Path("s3://b/p") would collapse the double slash.
+    adapter_dir: Annotated[S3Location | Path, BeforeValidator(parse_store_location)] = Field(
         Path("adapter-store"),
-        description="Durable adapter store (a shared volume for several replicas); a relative path is taken "
-        "from the current directory (the absolute path is logged at start-up).",
+        union_mode="left_to_right",
+        description="Durable adapter store: a directory (a shared volume for several replicas; a relative path "
+        "is taken from the current directory, the absolute path is logged at start-up), or s3://BUCKET/PREFIX "
+        "for an S3-compatible bucket (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_REGION).",
     )
     adapter_cache_mb: float = Field(
         512.0,

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixserve.adapters.locations import S3Location
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.store import AdapterStore, open_store
 from prefixserve.config import Settings
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import LoadedModel, load_model
@@ -45,11 +46,14 @@ def build_runtime(settings: Settings) -> Runtime:
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.max_total_tokens)
     delta = check_prefix_serving(loaded)
     log.info("prefix self-check passed: max |dlogit| %.2e against transformers' DynamicCache path", delta)
-    store = AdapterStore(settings.adapter_dir)
+    store = open_store(settings.adapter_dir)
+    location = settings.adapter_dir
     relative = (
-        "" if settings.adapter_dir.is_absolute() else " (--adapter-dir is relative to the current directory)"
+        ""
+        if isinstance(location, S3Location) or location.is_absolute()
+        else " (--adapter-dir is relative to the current directory)"
     )
-    log.info("adapter store: %s%s", settings.adapter_dir.resolve(), relative)
+    log.info("adapter store: %s%s", store.describe(), relative)
     registry = AdapterRegistry(  # host memory: the KV pool holds the one device copy of a running prefix
         store,
         loaded.kv_shape,

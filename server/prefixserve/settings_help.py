@@ -18,6 +18,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from prefixserve.adapters.locations import S3Location
 from prefixserve.config import SECTIONS, Settings
 
 USAGE_TAIL = (
@@ -41,6 +42,8 @@ def metavar(field: FieldInfo) -> str | None:
         return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
     if isinstance(kind, type) and issubclass(kind, Enum):
         return "{" + ",".join(str(m.value) for m in kind) + "}"
+    if kind == S3Location | Path:
+        return "PATH|s3://BUCKET/PREFIX"
     names = {int: "N", float: "NUMBER", Path: "PATH", str: "TEXT"}
     return names.get(kind, "VALUE") if kind is not bool else None
 

@@ -102,6 +102,22 @@ def _adapter_dir_message(path: Path, model: str, server_url: str) -> str:
     )
 
 
+def check_adapter_store(location: object) -> None:
+    """An S3 bucket that is missing, unreachable or closed to these credentials fails start-up here, before
+    the model loads; a directory is created when the store opens."""
+    from prefixserve.adapters.locations import S3Location
+
+    if not isinstance(location, S3Location):
+        return
+    from prefixserve.adapters.errors import StoreError
+    from prefixserve.adapters.s3_client import check_bucket, make_client
+
+    try:
+        check_bucket(make_client(), location)
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def _locate_on_hub(model: str) -> str:
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError

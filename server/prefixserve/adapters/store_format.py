@@ -1,0 +1,139 @@
+"""The bytes of a stored adapter, the same in every store backend: a safetensors file holding
+`prompt_embeddings` exactly as uploaded and, in its header, the PEFT config, the content hash and the
+creation time. Encoding it, reading its header, and decoding it with the hash verified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from prefixserve.adapters.errors import AdapterIntegrityError, InvalidAdapterError
+from prefixserve.adapters.format import TENSOR_NAME, PrefixAdapter, parse_config, parse_weights
+from prefixserve.adapters.store import AdapterInfo
+
+log = logging.getLogger("prefixserve.adapters.store")
+FILE_SUFFIX = ".safetensors"
+FORMAT_TAG = "prefixserve.adapter/1"
+
+
+def encode_adapter(adapter: PrefixAdapter, created_at: float) -> tuple[bytes, str]:
+    """The stored bytes of `adapter`, and the content sha256 recorded in them."""
+    config_json = json.dumps(adapter.config, sort_keys=True)
+    tensors = {TENSOR_NAME: adapter.embeddings.contiguous()}
+    sha256 = content_sha256(tensors, config_json)
+    metadata = {
+        "format": FORMAT_TAG,
+        "adapter_config": config_json,
+        "sha256": sha256,
+        "created_at": repr(created_at),
+    }
+    return save_safetensors(tensors, metadata=metadata), sha256
+
+
+def stored_info(
+    namespace: str,
+    adapter_id: str,
+    adapter: PrefixAdapter,
+    sha256: str,
+    size: int,
+    created_at: float,
+    at: float,
+) -> AdapterInfo:
+    """What a put stored, described from what was written, not read back: a concurrent writer may have
+    replaced it since."""
+    return AdapterInfo(
+        namespace=namespace,
+        adapter_id=adapter_id,
+        peft_type=adapter.config["peft_type"],
+        num_virtual_tokens=adapter.config["num_virtual_tokens"],
+        sha256=sha256,
+        size_bytes=size,
+        created_at=created_at,
+        updated_at=at,
+        config=adapter.config,
+    )
+
+
+def decode_verified(
+    namespace: str, adapter_id: str, data: bytes, where: object, updated_at: float
+) -> tuple[PrefixAdapter, AdapterInfo]:
+    """Parse stored bytes, verifying their content against the sha256 recorded when they were stored.
+    `where` (a path, an s3:// URL) goes to the log only."""
+    try:
+        embeddings = parse_weights(data)
+        metadata = header_metadata(data)
+    except (InvalidAdapterError, ValueError) as exc:
+        raise unreadable(adapter_id, str(exc)) from None
+    info = info_from_metadata(namespace, adapter_id, metadata, len(data), updated_at)
+    actual = content_sha256({TENSOR_NAME: embeddings}, metadata["adapter_config"])
+    if actual != info.sha256:
+        log.error(
+            "adapter %r of %r: %s hashes to %s, not the sha256 %s recorded at upload; refusing to serve it",
+            adapter_id,
+            namespace,
+            where,
+            actual,
+            info.sha256,
+        )
+        raise AdapterIntegrityError(
+            f"the stored file of adapter '{adapter_id}' does not match the sha256 recorded when it was "
+            f"uploaded ({info.sha256}): it was changed in the store; upload the adapter again"
+        )
+    return PrefixAdapter(info.config, embeddings), info
+
+
+def info_from_metadata(
+    namespace: str, adapter_id: str, metadata: dict[str, str], size: int, updated_at: float
+) -> AdapterInfo:
+    try:
+        if metadata.get("format") != FORMAT_TAG:
+            raise ValueError("not written by prefixserve")
+        config = parse_config(metadata["adapter_config"].encode())
+        return AdapterInfo(
+            namespace=namespace,
+            adapter_id=adapter_id,
+            peft_type=config["peft_type"],
+            num_virtual_tokens=config["num_virtual_tokens"],
+            sha256=metadata["sha256"],
+            size_bytes=size,
+            created_at=float(metadata["created_at"]),
+            updated_at=updated_at,
+            config=config,
+        )
+    except (KeyError, ValueError, TypeError, AttributeError, InvalidAdapterError) as exc:
+        raise unreadable(adapter_id, str(exc)) from None
+
+
+def unreadable(adapter_id: str, why: str) -> InvalidAdapterError:
+    return InvalidAdapterError(
+        f"the stored file of adapter '{adapter_id}' is unreadable ({why}); upload the adapter again"
+    )
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], config_json: str) -> str:
+    """The recorded hash: of the tensor and the config, serialized without the store's other metadata."""
+    return hashlib.sha256(save_safetensors(tensors, metadata={"adapter_config": config_json})).hexdigest()
+
+
+def header_length(prefix: bytes) -> int:
+    """A safetensors file starts with the length of its JSON header (8 bytes, little-endian)."""
+    if len(prefix) < 8:
+        raise ValueError(f"{len(prefix)} bytes, shorter than a safetensors header")
+    return int.from_bytes(prefix[:8], "little")
+
+
+def header_metadata(data: bytes) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors file, from its first 8 + header-length bytes (or all of it)."""
+    n = header_length(data)
+    if len(data) < 8 + n:
+        raise ValueError(f"the header says {n} bytes but the file ends before")
+    header = json.loads(data[8 : 8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    return metadata if isinstance(metadata, dict) else {}
