@@ -205,6 +205,11 @@ def test_penalties_and_logit_bias_equal_a_reference_on_peft_logits(client, adapt
         sequence.append(token)
     tok = tokenizer(DEMO_MODEL_DIR)
     assert out.choices[0].logprobs.tokens[len(ids) :] == [tok.decode([t]) for t in generated]
+    # Keys must be ASCII token ids: "³" is a digit to str.isdigit but not to int() (found by fuzzing).
+    for key in ("³", "x", "1.5"):
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.completions.create(model="pirate", prompt="Hi", max_tokens=1, logit_bias={key: 1})
+        assert refused.value.status_code in (400, 422) and "logit_bias" in refused.value.message, key
 
 
 # ----- structured output --------------------------------------------------------------------------------------

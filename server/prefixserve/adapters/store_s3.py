@@ -247,6 +247,6 @@ def _object_size(response: dict[str, Any]) -> int:
     content_range = response.get("ContentRange")
     if content_range and "/" in content_range:
         total = content_range.rsplit("/", 1)[1]
-        if total.isdigit():
+        if total.isascii() and total.isdigit():
             return int(total)
     return int(response["ContentLength"])

@@ -135,7 +135,7 @@ class BodyLimitMiddleware:
             return BodyTooLargeError(f"request body {size} this server's limit of {shown}")
 
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             await self._refuse(scope, receive, send, too_large(f"is {_mb(int(declared))}, above"))
             return
         received = 0

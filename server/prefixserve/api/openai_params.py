@@ -35,7 +35,8 @@ def sampling_params(
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     bias = []
     for token, value in (body.logit_bias or {}).items():
-        if not token.lstrip("-").isdigit():
+        digits = token.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit()):  # not str.isdigit alone: "³" is a digit to it
             raise refuse("logit_bias", f"keys are token ids (as strings), got {token!r}")
         bias.append((int(token), value))
     return SamplingParams(
