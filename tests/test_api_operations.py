@@ -169,6 +169,7 @@ def test_metrics_and_info(slow_model, tmp_path):
         assert gateway["vllm:num_requests_running"].value == 1
         assert gateway["vllm:num_requests_waiting"].value == 0
         assert 0 < gateway["vllm:kv_cache_usage_perc"].value <= 1
+        assert gateway["vllm:gpu_cache_usage_perc"].value == gateway["vllm:kv_cache_usage_perc"].value
         lora = gateway["vllm:lora_requests_info"]
         assert lora.labels["running_lora_adapters"] == "steer" and lora.labels["waiting_lora_adapters"] == ""
         max_batch_size = httpx.get(f"{server.url}/info").json()["max_batch_size"]

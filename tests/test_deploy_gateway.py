@@ -132,12 +132,8 @@ def test_the_pool_the_picker_and_the_route_fit_together():
     assert to_pool["backendRefs"] == [
         {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}
     ]
-    assert {m["path"]["value"] for m in to_pool["matches"]} == {
-        "/v1/completions",
-        "/v1/chat/completions",
-        "/tokenize",
-        "/detokenize",
-    }
+    # The picker needs `model` in the body: only routes where it is required go through it.
+    assert {m["path"]["value"] for m in to_pool["matches"]} == {"/v1/completions", "/v1/chat/completions"}
     assert to_service["backendRefs"][0]["name"] == "prefixserve"
     paths = {m["path"]["value"] for rule in route["spec"]["rules"] for m in rule["matches"]}
     assert not any("/metrics".startswith(p) and p != "/" for p in paths) and "/metrics" not in paths

@@ -107,7 +107,7 @@ def test_adapter_metrics_name_adapters_as_requests_do_or_hide_them():
     assert abs(lora["value"] - time.time()) < 60  # when the set last changed, as a Unix time
     assert plain["vllm:num_requests_running"] == {"model_name": "tiny", "value": 2}
     assert plain["vllm:num_requests_waiting"]["value"] == 1
-    assert plain["vllm:kv_cache_usage_perc"]["value"] == 0.25
+    assert plain["vllm:kv_cache_usage_perc"]["value"] == plain["vllm:gpu_cache_usage_perc"]["value"] == 0.25
     hidden = _families("digest")
     shown = str(hidden["prefixserve_adapter_requests_info"]) + str(hidden["vllm:lora_requests_info"])
     assert not any(word in shown for word in ("acme", "globex", "support", "faq"))

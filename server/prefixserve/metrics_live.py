@@ -87,6 +87,12 @@ class GatewayCollector(Collector):
             ("vllm:num_requests_running", "Requests in the running batch", view.num_running()),
             ("vllm:num_requests_waiting", "Requests waiting for a batch row", view.num_waiting()),
             ("vllm:kv_cache_usage_perc", "Fraction of the KV block pool in use (0-1)", view.kv_cache_usage()),
+            # The name before vLLM 0.11, still the default of endpoint pickers before GIE v1.3.
+            (
+                "vllm:gpu_cache_usage_perc",
+                "Same as vllm:kv_cache_usage_perc (older name)",
+                view.kv_cache_usage(),
+            ),
         ):
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([view.model_name], value)

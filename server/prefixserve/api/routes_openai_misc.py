@@ -72,7 +72,7 @@ def _check_model(request: Request, model: str) -> None:
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """vLLM's: the token ids of a prompt, or of chat messages through the chat template."""
     state = request.app.state.server
-    _check_model(request, body.model)
+    await run_in_threadpool(_check_model, request, body.model)  # reads the store: S3 may take a while
     if (body.prompt is None) == (body.messages is None):
         raise refuse("prompt/messages", "give exactly one of them")
     if body.prompt is not None:
@@ -93,7 +93,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     """vLLM's: the text of token ids."""
     state = request.app.state.server
-    _check_model(request, body.model)
+    await run_in_threadpool(_check_model, request, body.model)
     vocab = state.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:

@@ -75,6 +75,7 @@ class LLMEngine:
             loaded.eos_token_ids,
             loaded.max_length,
         )
+        self._kv_cache_usage = 0.0  # as of the last step; read by metrics from other threads
         self._special_ids = frozenset(loaded.tokenizer.all_special_ids)
         self._vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self.grammars = GrammarCompiler(loaded.tokenizer, self._vocab_size, list(loaded.eos_token_ids))
@@ -213,8 +214,7 @@ class LLMEngine:
             self._report_finish(seq)
         out = self.scheduler.schedule()
         metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
-        metrics.BATCH_SIZE.set(len(self.scheduler.running))
-        metrics.KV_CACHE_USAGE.set(self.kv_cache_usage())
+        self._update_pool_gauges()
         if out.preempted:
             metrics.PREEMPTIONS.inc(len(out.preempted))
         if not out.rows:
@@ -233,6 +233,7 @@ class LLMEngine:
             for row in out.rows:
                 self.scheduler.finish(row.seq, FinishReason.ERROR)
                 self._report_finish(row.seq, error=f"generation failed: {type(exc).__name__}")
+            self._update_pool_gauges()
             return
         metrics.PROMPT_TOKENS.inc(sum(r.num_tokens for r in out.rows if not r.seq.prefill_done))
         for i, why in sampled.errors.items():
@@ -244,7 +245,13 @@ class LLMEngine:
         for update in self.scheduler.postprocess(out, sampled.tokens, prompt_scores, sampled.errors):
             logprob, top = top_by_seq[update.seq.seq_id]
             self._report_token(update, logprob, top)
-        metrics.BATCH_SIZE.set(len(self.scheduler.running))  # rows that just finished are gone
+        self._update_pool_gauges()  # rows that just finished are gone, with their blocks
+
+    def _update_pool_gauges(self) -> None:
+        blocks = self.scheduler.blocks
+        self._kv_cache_usage = blocks.num_used / blocks.num_blocks
+        metrics.KV_CACHE_USAGE.set(self._kv_cache_usage)
+        metrics.BATCH_SIZE.set(len(self.scheduler.running))
 
     def _prompt_scores(self, logits: StepLogits) -> dict[int, tuple[int, list[PromptToken]]]:
         """Each scored prompt chunk as PromptTokens (the first prompt token, which nothing predicts, has none)."""
@@ -371,8 +378,9 @@ class LLMEngine:
         return _adapter_refs(self.scheduler.waiting_list())
 
     def kv_cache_usage(self) -> float:
-        blocks = self.scheduler.blocks
-        return blocks.num_used / blocks.num_blocks
+        """As of the last step: the block manager itself is the engine thread's alone (counting its free
+        blocks while the engine takes some raised from a scrape, and /metrics answered 500)."""
+        return self._kv_cache_usage
 
     @property
     def vocab_size(self) -> int:
