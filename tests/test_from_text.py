@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 from peft.tuners.cartridge.utils import initialize_kv_prefix_from_text
 
 from tests.server_process import ServerProcess
-from tests.tiny_models import EOS, load_base, tokenizer
+from tests.tiny_models import greedy_by_forward, load_base, tokenizer
 
 TEXT = "You are a pirate. Arr, matey! Hoist the sails and swab the deck."
 PROMPT = " The captain said"
@@ -17,12 +16,7 @@ N = 10
 
 
 def base_on_text_then_prompt(base, text_ids: list[int], prompt: str) -> list[int]:
-    ids = torch.tensor([text_ids + tokenizer(base)(prompt)["input_ids"]])
-    with torch.no_grad():
-        out = load_base(base).generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False, pad_token_id=EOS
-        )
-    return out[0, ids.shape[1] :].tolist()
+    return greedy_by_forward(load_base(base), text_ids + tokenizer(base)(prompt)["input_ids"], N)
 
 
 def peft_from_text(base, text: str, chat_template: bool):
@@ -36,10 +30,7 @@ def peft_from_text(base, text: str, chat_template: bool):
         load_base(base), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n)
     )
     embeddings = initialize_kv_prefix_from_text(model, tok, text=text, use_chat_template=chat_template)
-    enc = tok(PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=N, do_sample=False, pad_token_id=EOS)
-    return embeddings, out[0, enc["input_ids"].shape[1] :].tolist()
+    return embeddings, greedy_by_forward(model, tok(PROMPT)["input_ids"], N)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -254,7 +254,7 @@ DIRECTORY = pytest.mark.parametrize("cluster", ["directory"], indirect=True)
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("haproxy") is None:
-        pytest.fail("haproxy is not installed: apt-get install haproxy (.ci/run installs it)")
+        pytest.fail("haproxy is not installed: scripts/setup-dev.sh installs it (apt-get install haproxy)")
     tmp = tmp_path_factory.mktemp(f"multi-{request.param}")
     if request.param == "s3":
         s3 = request.getfixturevalue("s3_server")

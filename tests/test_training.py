@@ -26,6 +26,7 @@ from prefixserve.engine.sequence import SamplingParams, Sequence
 from prefixserve.training import TrainingError, train_adapter, upload_adapter
 from prefixserve.training.data import IGNORE_INDEX, PadCollator, load_rows, split_examples, tokenize_rows
 from prefixserve.training.defaults import DEFAULT_MIN_STEPS
+from tests.tiny_models import greedy_by_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # inside PEFT
 
@@ -56,10 +57,7 @@ def base_model() -> torch.nn.Module:
 
 
 def greedy(model: torch.nn.Module, tok, prompt: str, n: int) -> list[int]:
-    enc = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-    return out[0, enc.input_ids.shape[1] :].tolist()
+    return greedy_by_forward(model, tok(prompt).input_ids, n, eos=tok.eos_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +170,8 @@ def test_text_init_is_peft_initialize_kv_prefix_from_text_and_acts_as_that_text(
     # The prefix is the text's keys/values at positions 0..T-1, so the adapter continues as if the text came first.
     peft_model = PeftModel.from_pretrained(base_model(), tmp_path / "t").eval()
     prompt_ids = tok(" The cat").input_ids
-    with torch.no_grad():
-        whole = base_model().generate(
-            torch.tensor([text_ids + prompt_ids]), max_new_tokens=8, do_sample=False
-        )
-    assert greedy(peft_model, tok, " The cat", 8) == whole[0, len(text_ids) + len(prompt_ids) :].tolist()
+    whole = greedy_by_forward(base_model(), text_ids + prompt_ids, 8, eos=tok.eos_token_id)
+    assert greedy(peft_model, tok, " The cat", 8) == whole
 
 
 def test_the_default_options_learn_a_small_data_set(tmp_path, tok):

@@ -114,22 +114,41 @@ def _train_a_few_steps(model: PeftModel, base_path: Path, steps: int = 5) -> Non
     model.eval()
 
 
-def peft_generate(base_path: Path, adapter_dir: Path | None, prompt: str, max_new_tokens: int) -> list[int]:
-    """The oracle: PeftModel.generate (or the plain base model), greedy, one request at a time."""
-    model = load_base(base_path)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    tok = tokenizer(base_path)
-    enc = tok(prompt, return_tensors="pt")
+def greedy_by_forward(
+    model: torch.nn.Module, input_ids: list[int], max_new_tokens: int, eos: int = EOS
+) -> list[int]:
+    """Greedy decoding by the model's forward over the whole sequence at every step, without a cache.
+
+    The oracle's decoder. Not `generate`: with transformers >= 5.24, `PeftModel.generate` silently drops a
+    prefix adapter's prefix (tests/test_upstream.py tracks it), while PEFT's forward still injects it. Like
+    `generate`, it stops after the first EOS, which it includes.
+    """
+    ids, new = list(input_ids), []
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=EOS)
-    return out[0, enc["input_ids"].shape[1] :].tolist()
+        for _ in range(max_new_tokens):
+            batch = torch.tensor([ids])
+            token = int(model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[0, -1].argmax())
+            new.append(token)
+            ids.append(token)
+            if token == eos:
+                break
+    return new
+
+
+def peft_model(base_path: Path, adapter_dir: Path | None) -> torch.nn.Module:
+    """The base model with PEFT's adapter in front (or alone for None), fp32."""
+    model = load_base(base_path)
+    return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def peft_generate(base_path: Path, adapter_dir: Path | None, prompt: str, max_new_tokens: int) -> list[int]:
+    """The oracle: greedy decoding by PEFT's forward (or the plain base model's), one request at a time."""
+    prompt_ids = tokenizer(base_path)(prompt)["input_ids"]
+    return greedy_by_forward(peft_model(base_path, adapter_dir), prompt_ids, max_new_tokens)
 
 
 def peft_last_logits(base_path: Path, adapter_dir: Path | None, prompt: str) -> torch.Tensor:
-    model = load_base(base_path)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+    model = peft_model(base_path, adapter_dir)
     enc = tokenizer(base_path)(prompt, return_tensors="pt")
     with torch.no_grad():
         return model(**enc).logits[0, -1].float()
@@ -137,9 +156,7 @@ def peft_last_logits(base_path: Path, adapter_dir: Path | None, prompt: str) -> 
 
 def peft_logprobs(base_path: Path, adapter_dir: Path | None, token_ids: list[int]) -> torch.Tensor:
     """The oracle's log-softmax at every position of `token_ids` (row i predicts token i+1), prefix in place."""
-    model = load_base(base_path)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+    model = peft_model(base_path, adapter_dir)
     ids = torch.tensor([token_ids])
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()

@@ -72,11 +72,15 @@ def serve(ctx: typer.Context) -> None:
 
 def _parse_settings(args: list[str]) -> Settings:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from prefixserve.config import Settings
 
     try:
         return Settings(_cli_parse_args=list(args))
+    except SettingsError as exc:
+        typer.echo(f"prefixserve serve: {_cli_error(str(exc), Settings)}", err=True)
+        raise typer.Exit(2) from None
     except ValidationError as exc:
         for err in exc.errors():
             field = (
@@ -84,6 +88,26 @@ def _parse_settings(args: list[str]) -> Settings:
             )
             typer.echo(f"invalid configuration: {field}: {err['msg']}", err=True)
         raise typer.Exit(2) from None
+
+
+def _cli_error(message: str, settings: type[Settings]) -> str:
+    """argparse's complaint, with the nearest real flag for a misspelt one and where the list is."""
+    import difflib
+    import re
+
+    message = message.removeprefix("error parsing CLI: ")
+    flags = ["--" + name.replace("_", "-") for name in settings.model_fields]
+    flags += [
+        "--no-" + f[2:]
+        for f, field in zip(flags, settings.model_fields.values(), strict=True)
+        if field.annotation is bool
+    ]
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown:
+        flag = unknown.group(1).split("=", 1)[0]
+        near = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+        message = f"unknown flag {flag}" + (f" (did you mean {near[0]}?)" if near else "")
+    return f"{message}; `prefixserve serve --help` lists every setting"
 
 
 app.command("train")(train_command)

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         cli_prog_name="prefixserve serve",
         cli_implicit_flags=True,
+        cli_exit_on_error=False,  # cli.py words the error: argparse's usage line spells types `{str,null}`
         extra="forbid",
     )
 

@@ -5,10 +5,10 @@ without processing the text for every request."""
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from prefixserve.adapters.format import PrefixAdapter, kv_to_embeddings
 from prefixserve.engine.errors import RequestValidationError
+from prefixserve.engine.hf_cache import cache_kwargs, prefilled_cache
 from prefixserve.engine.model_loader import LoadedModel
 
 
@@ -40,10 +40,13 @@ def adapter_from_text(
             f"from_text is {len(ids)} tokens, above this server's limit of {max_virtual_tokens} virtual tokens "
             "(--max-virtual-tokens); shorten the text"
         )
-    cache = DynamicCache(config=loaded.model.config)
+    cache = prefilled_cache(loaded.model.config)
     input_ids = torch.tensor([ids], device=loaded.device)
     loaded.model(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, use_cache=True
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        use_cache=True,
+        **cache_kwargs(loaded.model, cache),
     )
     layers = [(layer.keys[0], layer.values[0]) for layer in cache.layers]  # each [heads, T, head_dim]
     kv = torch.stack([torch.stack(pair) for pair in layers])  # [layers, 2, heads, T, head_dim]

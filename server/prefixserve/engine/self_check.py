@@ -10,11 +10,11 @@ before it serves anything wrong.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from prefixserve.adapters.registry import LoadedPrefix
 from prefixserve.engine.block_manager import BlockManager
 from prefixserve.engine.errors import UnsupportedModelError
+from prefixserve.engine.hf_cache import cache_kwargs, prefilled_cache
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_loader import LoadedModel
 from prefixserve.engine.model_runner import ModelRunner
@@ -90,18 +90,14 @@ def _max_delta(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) 
 
 def _reference_logits(loaded: LoadedModel, seq: Sequence) -> torch.Tensor:
     """transformers' own path, as PEFT drives it: a DynamicCache holding the prefix, positions from T."""
-    cache = DynamicCache(config=loaded.model.config)
-    if seq.prefix is not None:
-        kv = seq.prefix.kv
-        for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0][None], kv[layer, 1][None], layer)
+    cache = prefilled_cache(loaded.model.config, None if seq.prefix is None else seq.prefix.kv)
     t = seq.num_virtual_tokens
     ids = torch.tensor([seq.token_ids], device=loaded.device)
     out = loaded.model(
         input_ids=ids,
         attention_mask=torch.ones(1, t + ids.shape[1], dtype=torch.long, device=loaded.device),
         position_ids=torch.arange(t, t + ids.shape[1], device=loaded.device)[None],
-        past_key_values=cache,
         use_cache=True,
+        **cache_kwargs(loaded.model, cache),
     )
     return out.logits[0, -1].float()

@@ -80,7 +80,7 @@ def train_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar with the training loss."),
     upload: str | None = typer.Option(
-        None, help="After training, PUT the adapter to this server URL (e.g. http://localhost:8080)."
+        None, help="After training, PUT the adapter to this server URL (e.g. http://127.0.0.1:8000)."
     ),
     adapter_id: str | None = typer.Option(None, help="Adapter id for --upload."),
     api_key: str | None = typer.Option(None, envvar="PREFIXSERVE_API_KEY", help="Bearer token for --upload."),

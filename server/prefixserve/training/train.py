@@ -14,6 +14,8 @@ import math
 import random
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,8 @@ def train_adapter(
         raise explain_error(exc, opts, dtype) from exc
     text_config = base.config.get_text_config()
     try:
-        peft_model = _prefix_model(base, tokenizer, opts)
+        with _peft_passes_past_key_values():  # PEFT's from-text init runs its forward too
+            peft_model = _prefix_model(base, tokenizer, opts)
     except (RuntimeError, MemoryError) as exc:
         raise explain_error(exc, opts, dtype) from exc
     num_virtual_tokens = peft_model.peft_config["default"].num_virtual_tokens
@@ -101,7 +104,7 @@ def train_adapter(
     )  # fmt: skip
 
     sample = random.Random(opts.seed).sample(train, min(LOSS_SAMPLE, len(train)))
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _peft_passes_past_key_values():
         trainer = _make_trainer(peft_model, tokenizer, train, scratch, opts, dev, dtype)
         try:
             before, eval_before = _losses(trainer, sample, held_out)
@@ -152,6 +155,16 @@ def _prefix_model(base: Any, tokenizer: PreTrainedTokenizerBase, opts: TrainOpti
     if opts.init_mode == "text":
         _init_from_text(peft_model, tokenizer, opts, config.num_virtual_tokens)
     return peft_model
+
+
+@contextmanager
+def _peft_passes_past_key_values() -> Iterator[None]:
+    """PEFT 0.21's forward hands the prefix to the base model as `past_key_values`, which transformers 5.24
+    renamed `cache` (the old name still works, with a FutureWarning per step). The call is PEFT's, so a user
+    of `prefixserve train` can do nothing about it; scripts/check_upstream.sh shows the day it stops working."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+        yield
 
 
 def _record_base_model(output: Path, name: str) -> None:
