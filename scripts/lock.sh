@@ -48,18 +48,21 @@ if [ "$check" = 0 ]; then
   exit 0
 fi
 
-# --check: lock a copy (keeping its versions where they still fit) and compare.
+# --check: lock a copy (keeping its versions where they still fit) and compare the pins: name, version, markers.
+# Hashes and annotations alone may differ (a project can upload another wheel for a released version).
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 cp "$repo/pyproject.toml" "$tmp/"; cp -r "$repo/requirements" "$tmp/"
 (cd "$tmp" && lock_all)
+pins() { grep -oE '^[a-z0-9._-]+==[^ ]+( ;[^\\]*)?' "$1" || true; }
 stale=0
 for f in lock.txt lock-dev.txt clients.txt; do
-  if ! diff -q "$repo/requirements/$f" "$tmp/requirements/$f" >/dev/null; then
-    echo "requirements/$f does not match pyproject.toml (or requirements/torch.txt, clients.in): run scripts/lock.sh and commit the result. The versions that differ (- locked, + what pyproject asks for):" >&2
-    pins() { grep -oE '^[a-z0-9._-]+==[^ ]+( ;[^\\]*)?' "$1" || true; }
-    changed=$(diff <(pins "$repo/requirements/$f") <(pins "$tmp/requirements/$f") | grep -E '^[<>]' | sed 's/^</-/; s/^>/+/' || true)
-    echo "${changed:-(the same versions; the annotations or hashes differ)}" >&2
+  changed=$(diff <(pins "$repo/requirements/$f") <(pins "$tmp/requirements/$f") | grep -E '^[<>]' | sed 's/^</-/; s/^>/+/' || true)
+  if [ -n "$changed" ]; then
+    echo "requirements/$f does not match pyproject.toml (or requirements/torch.txt, clients.in): run scripts/lock.sh and commit the result. The pins that differ (- locked, + what pyproject asks for):" >&2
+    echo "$changed" >&2
     stale=1
+  elif ! diff -q "$repo/requirements/$f" "$tmp/requirements/$f" >/dev/null; then
+    echo "requirements/$f: the same pins; hashes or annotations differ (scripts/lock.sh refreshes them)"
   fi
 done
 [ "$stale" = 0 ] && echo "requirements/lock.txt, lock-dev.txt and clients.txt match pyproject.toml"
