@@ -85,7 +85,7 @@ def test_full_queue_is_a_typed_refusal(tmp_path):
         ({"do_sample": True, "temperature": 0.0}, "temperature must be between 0.01 and 100.0"),
         ({"top_p": 1.5}, "top_p must be in"),
         ({"top_k": 0}, "top_k must be >= 1"),
-        ({"stop": ("a", "b", "c", "d", "e")}, "at most 4"),
+        ({"stop": tuple(f"s{i}" for i in range(65))}, "at most 64"),
         ({"stop": ("",)}, "must not be empty"),
     ],
 )
@@ -175,12 +175,21 @@ def _cut_at_first_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return text, False
 
 
-def test_stop_matching_agrees_with_the_reference_on_random_texts(engine):
-    rng = random.Random(0)
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """The reference: the longest tail of `text` that is a proper prefix of some stop sequence."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+@pytest.mark.parametrize("max_stops", [4, 64])
+def test_stop_matching_agrees_with_the_reference_on_random_texts(engine, max_stops):
+    rng = random.Random(max_stops)
     for _ in range(300):
         text = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 40)))
         stops = tuple(
-            {"".join(rng.choice("ab ") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))}
+            {
+                "".join(rng.choice("ab ") for _ in range(rng.randint(1, 6)))
+                for _ in range(rng.randint(1, max_stops))
+            }
         )
         out = OutputText(engine.loaded.tokenizer, stops)
         released, at = "", 0
@@ -189,6 +198,8 @@ def test_stop_matching_agrees_with_the_reference_on_random_texts(engine):
             out._extend(text[at : at + step])
             released += out._release()
             at += step
+            if not out.stopped:  # everything is released but what could still become a stop sequence
+                assert len(out.text) - len(released) == _holdback(out.text, stops), (out.text, stops)
             for stop in stops:
                 assert stop not in released
         released += out.finish()
@@ -198,3 +209,13 @@ def test_stop_matching_agrees_with_the_reference_on_random_texts(engine):
 def test_long_stop_sequences_are_refused(engine):
     with pytest.raises(RequestValidationError, match="at most 256 characters"):
         submit(engine, PROMPT, None, max_new_tokens=4, stop=("x" * 257,))
+
+
+def test_stop_sequences_are_bounded_by_count_and_total_size(engine):
+    with pytest.raises(RequestValidationError, match="stop holds 65 sequences; at most 64 are allowed"):
+        submit(engine, PROMPT, None, max_new_tokens=4, stop=tuple(f"s{i}" for i in range(65)))
+    with pytest.raises(RequestValidationError, match="hold 4352 characters in all; at most 4096"):
+        submit(engine, PROMPT, None, max_new_tokens=4, stop=tuple(f"{i:02}" + "x" * 254 for i in range(17)))
+    many = submit(engine, PROMPT, None, max_new_tokens=4, stop=tuple(f"{i:02}" + "x" * 62 for i in range(64)))
+    run_until_idle(engine)
+    assert len(many.tokens) == 4

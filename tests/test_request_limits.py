@@ -214,12 +214,23 @@ def test_stop_sequences_are_bounded(server):
         assert r.status_code == 422 and "parameters.stop.0" in r.json()["error"], r.text
         r = c.post("/v1/completions", json={"prompt": "Hi", "stop": [long_stop]})
         assert r.status_code == 422 and "stop" in r.json()["error"]["message"], r.text
-        r = c.post("/v1/completions", json={"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]})
-        assert r.status_code == 422, r.text
-        ok = c.post(
-            "/generate", json={"inputs": "Hi", "parameters": {"stop": ["x" * 256] * 4, "max_new_tokens": 4}}
-        )
-        assert ok.status_code == 200, ok.text
+        r = c.post("/v1/completions", json={"prompt": "Hi", "stop": [f"s{i}" for i in range(65)]})
+        assert r.status_code == 422 and "at most 64 items" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/completions", json={"prompt": "Hi", "stop": ["x" * 256] * 17})
+        error = r.json()["error"]["message"]
+        assert r.status_code == 422 and "stop" in error and "at most 4096" in error, r.text
+        r = c.post("/generate", json={"inputs": "Hi", "parameters": {"stop": ["x" * 256] * 17}})
+        assert r.status_code == 422 and "at most 4096" in r.json()["error"], r.text
+        # lm-eval sends a task's stop strings and EOS besides: five and more are fine.
+        for path, body in (
+            ("/generate", {"inputs": "Hi", "parameters": {"stop": ["x" * 256] * 16, "max_new_tokens": 4}}),
+            (
+                "/v1/completions",
+                {"prompt": "Hi", "stop": ["\n\n", ".", "!", "?", "<|endoftext|>"], "max_tokens": 4},
+            ),
+        ):
+            ok = c.post(path, json=body)
+            assert ok.status_code == 200, ok.text
 
 
 def test_a_decoded_newline_in_the_path_cannot_forge_a_log_line(server):

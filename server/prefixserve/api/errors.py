@@ -20,7 +20,7 @@ from prefixserve.adapters.errors import (
 from prefixserve.engine.errors import EngineError, EngineStoppedError, QueueFullError
 
 log = logging.getLogger(__name__)
-_VLLM_PATHS = frozenset({"/tokenize", "/detokenize"})
+_VLLM_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
 
 
 def is_openai_path(path: str) -> bool:

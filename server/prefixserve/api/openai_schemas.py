@@ -10,6 +10,8 @@ from prefixserve.api.schemas import StopText, Text
 from prefixserve.engine.sequence import (
     MAX_LOGPROBS,
     MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOTAL_CHARS,
     REPETITION_PENALTY_RANGE,
     TEMPERATURE_RANGE,
 )
@@ -61,7 +63,10 @@ class _SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=8)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: StopText | list[StopText] | None = Field(
-        None, max_length=4, description=f"Up to 4 strings of 1-{MAX_STOP_CHARS} characters."
+        None,
+        max_length=MAX_STOP_SEQUENCES,
+        description=f"Up to {MAX_STOP_SEQUENCES} strings of 1-{MAX_STOP_CHARS} characters, "
+        f"{MAX_STOP_TOTAL_CHARS} characters in all.",
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -188,6 +193,9 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str | None = None
     parent: str | None = None
+    # vLLM's field: the tokens of context a request has (prompt and new tokens together); for an adapter,
+    # max_total_tokens less its virtual tokens.
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

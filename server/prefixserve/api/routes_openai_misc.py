@@ -1,6 +1,9 @@
-"""The rest of the OpenAI/vLLM surface: models (list and one), and vLLM's /tokenize and /detokenize."""
+"""The rest of the OpenAI/vLLM surface: models (list and one), and vLLM's /tokenize, /detokenize and
+/tokenizer_info (what lm-evaluation-harness's remote tokenizer backend reads)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -23,7 +26,12 @@ router = APIRouter(tags=["OpenAI-compatible"])
 
 
 def _base_card(state) -> ModelCard:
-    return ModelCard(id=state.model_name, created=int(state.started_at), owned_by="prefixserve")
+    return ModelCard(
+        id=state.model_name,
+        created=int(state.started_at),
+        owned_by="prefixserve",
+        max_model_len=state.max_model_len,
+    )
 
 
 def _adapter_card(state, tenant: str, info) -> ModelCard:
@@ -33,6 +41,7 @@ def _adapter_card(state, tenant: str, info) -> ModelCard:
         owned_by=tenant,
         root=info.adapter_id,
         parent=state.model_name,
+        max_model_len=state.max_model_len - info.num_virtual_tokens,
     )
 
 
@@ -99,3 +108,32 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     if bad:
         raise refuse("tokens", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     return DetokenizeResponse(prompt=state.loaded.tokenizer.decode(body.tokens))
+
+
+@router.get("/tokenizer_info")
+def tokenizer_info(request: Request) -> dict[str, Any]:
+    """vLLM's: the tokenizer's configuration (its init arguments less file paths, the special tokens as
+    text), its class and chat template, so a client can tokenize like the server without a local copy."""
+    tokenizer = request.app.state.server.loaded.tokenizer
+    info = {
+        k: _plain(v) for k, v in tokenizer.init_kwargs.items() if not k.endswith(("_file", "name_or_path"))
+    }
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            info[name] = str(token)
+    info["tokenizer_class"] = type(tokenizer).__name__
+    if tokenizer.chat_template:
+        info["chat_template"] = tokenizer.chat_template
+    return info
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: AddedToken as its text, containers element by element, anything else unknown as str."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)

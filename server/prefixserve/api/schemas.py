@@ -10,6 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from prefixserve.engine.sequence import (
     MAX_LOGPROBS,
     MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOTAL_CHARS,
     REPETITION_PENALTY_RANGE,
     TEMPERATURE_RANGE,
 )
@@ -71,7 +73,10 @@ class GenerateParameters(BaseModel):
     )
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[StopText] = Field(
-        default_factory=list, max_length=4, description=f"Up to 4 strings of 1-{MAX_STOP_CHARS} characters."
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        description=f"Up to {MAX_STOP_SEQUENCES} strings of 1-{MAX_STOP_CHARS} characters, "
+        f"{MAX_STOP_TOTAL_CHARS} characters in all.",
     )
     return_full_text: bool = False
     details: bool = False

@@ -2,9 +2,9 @@
 
 Text is decoded with a sliding window (as TGI and vLLM do) so each step costs O(1) tokens, and no
 delta is emitted while it ends in an incomplete UTF-8 character. Text that could be the start of a
-stop sequence is held back, so a streaming client never sees part of a stop sequence. Stop sequences are
-matched incrementally (KMP): a step costs the new characters times the number of stops, not the text's
-length times the stops' lengths.
+stop sequence is held back, so a streaming client never sees part of a stop sequence. All stop sequences
+are matched at once, incrementally (Aho-Corasick): a step costs its new characters, however many stops a
+request has and however long the text grows.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class OutputText:
         self.stop = stop
         self.skip_special_tokens = skip_special_tokens
         self.include_stop = include_stop  # keep the matched stop sequence in the text (vLLM's option)
-        self._matchers = [StopMatcher(s) for s in stop]
+        self._matcher = StopMatcher(stop)
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0  # chars of `text` already handed out
@@ -54,8 +54,8 @@ class OutputText:
         return self._release(final=True)
 
     def _extend(self, new: str, matching: bool = True) -> None:
-        """Append text, feeding it to the stop matchers a character at a time (each character costs O(1)
-        per stop sequence, amortized, however long the text and the stops). At the first character that
+        """Append text, feeding it to the stop matcher a character at a time (O(1) amortized per character,
+        however many and however long the stops). At the first character that
         completes a stop sequence the text is cut where that match starts (the longest, if several end
         there; or after it, with include_stop), so no part of any stop sequence is ever released. With
         `matching=False` (before min_new_tokens) completed stops pass as text."""
@@ -64,9 +64,9 @@ class OutputText:
         start = len(self.text)
         self.text += new
         for at, char in enumerate(new, start):
-            ended = [m.length for m in self._matchers if m.feed(char)]
+            ended = self._matcher.feed(char)
             if ended and matching:
-                self.text = self.text[: at + 1 if self.include_stop else at + 1 - max(ended)]
+                self.text = self.text[: at + 1 if self.include_stop else at + 1 - ended]
                 self.stopped = True
                 return
 
@@ -79,7 +79,7 @@ class OutputText:
 
     def _holdback(self) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
-        return max((m.matched for m in self._matchers), default=0)
+        return self._matcher.matched
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -88,30 +88,53 @@ class OutputText:
 
 
 class StopMatcher:
-    """Knuth-Morris-Pratt over a stream: `matched` is the longest prefix of `stop` that the text ends with."""
+    """Aho-Corasick over a stream, for all of a request's stop sequences at once.
 
-    def __init__(self, stop: str) -> None:
-        self.stop = stop
-        self.length = len(stop)
-        self.matched = 0
-        self._fallback = [0] * len(stop)  # for each prefix length - 1: its longest proper border
-        k = 0
-        for i in range(1, len(stop)):
-            while k and stop[i] != stop[k]:
-                k = self._fallback[k - 1]
-            if stop[i] == stop[k]:
-                k += 1
-            self._fallback[i] = k
+    A state is a prefix of some stop sequence; after each character the state is the longest one that the
+    text ends with, so its length (`matched`) is exactly what must be held back from a streaming client.
+    """
 
-    def feed(self, char: str) -> bool:
-        """Advance by one character of text; True when it completes an occurrence of `stop`."""
-        k = self.matched
-        while k and self.stop[k] != char:
-            k = self._fallback[k - 1]
-        if self.stop[k] == char:
-            k += 1
-        if k == self.length:
-            self.matched = self._fallback[k - 1]
-            return True
-        self.matched = k
-        return False
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._next: list[dict[str, int]] = [{}]  # trie edges
+        self._depth = [0]  # length of each state's prefix
+        for stop in stops:
+            state = 0
+            for char in stop:
+                if char not in self._next[state]:
+                    self._next.append({})
+                    self._depth.append(self._depth[state] + 1)
+                    self._next[state][char] = len(self._next) - 1
+                state = self._next[state][char]
+        ends = {self._state_of(stop) for stop in stops}
+        self._fail = [0] * len(self._next)  # the longest proper suffix that is also a state
+        self._ended = [self._depth[s] if s in ends else 0 for s in range(len(self._next))]
+        queue = list(self._next[0].values())
+        for state in queue:  # breadth first: a state's fallback is shallower, so already final
+            for char, child in self._next[state].items():
+                fallback = self._fail[state]
+                while fallback and char not in self._next[fallback]:
+                    fallback = self._fail[fallback]
+                self._fail[child] = self._next[fallback].get(char, 0) if state else 0
+                # A stop may end inside a longer candidate (" sea" inside "the sea"): the longest one wins.
+                self._ended[child] = max(self._ended[child], self._ended[self._fail[child]])
+                queue.append(child)
+        self._state = 0
+
+    def _state_of(self, stop: str) -> int:
+        state = 0
+        for char in stop:
+            state = self._next[state][char]
+        return state
+
+    @property
+    def matched(self) -> int:
+        """Length of the longest tail of the text so far that is a prefix of a stop sequence."""
+        return self._depth[self._state]
+
+    def feed(self, char: str) -> int:
+        """Advance by one character; the length of the longest stop sequence it completes, or 0."""
+        state = self._state
+        while state and char not in self._next[state]:
+            state = self._fail[state]
+        self._state = state = self._next[state].get(char, 0)
+        return self._ended[state]

@@ -27,6 +27,8 @@ from prefixserve.engine.scheduler import Scheduler, TokenUpdate
 from prefixserve.engine.sequence import (
     MAX_LOGPROBS,
     MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOTAL_CHARS,
     REPETITION_PENALTY_RANGE,
     TEMPERATURE_RANGE,
     FinishReason,
@@ -52,7 +54,6 @@ class EngineLimits:
     max_new_tokens: int = 1024
     default_max_new_tokens: int = 64
     max_prefill_tokens: int = 4096  # tokens of one step: decoding rows, prompt chunks, joining prompts
-    max_stop_sequences: int = 4
     kv_cache_mb: float = 1024.0
     block_size: int = 16
 
@@ -134,6 +135,21 @@ class LLMEngine:
         with self._wakeup:
             self._wakeup.notify()
 
+    def _context_left(self, num_virtual: int) -> str:
+        """What a client that sizes its requests (an evaluation harness's max_length) needs to know."""
+        left = self.max_length - num_virtual
+        source = (
+            f"max_total_tokens {self.max_length} - {num_virtual} virtual tokens"
+            if num_virtual
+            else "max_total_tokens"
+        )
+        prompt = min(self.limits.max_input_tokens, left - 1)
+        subject = "this adapter" if num_virtual else "the base model"
+        return (
+            f"{subject} leaves {left} tokens for prompt and new tokens together ({source}): "
+            f"at most {prompt} prompt tokens with one new token"
+        )
+
     def _validate(self, prompt_ids: list[int], num_virtual: int, p: SamplingParams) -> None:
         lim = self.limits
         if not prompt_ids:
@@ -142,9 +158,11 @@ class LLMEngine:
             raise RequestValidationError(
                 f"prompt token ids must be in [0, {self._vocab_size}), the model's vocabulary"
             )
+        context = self._context_left(num_virtual)
         if len(prompt_ids) > lim.max_input_tokens:
             raise RequestValidationError(
-                f"inputs has {len(prompt_ids)} tokens, above this server's max_input_tokens of {lim.max_input_tokens}"
+                f"inputs has {len(prompt_ids)} tokens, above this server's max_input_tokens of "
+                f"{lim.max_input_tokens}; {context}"
             )
         if not 1 <= p.max_new_tokens <= lim.max_new_tokens and not (
             p.max_new_tokens == 0 and p.prompt_logprobs is not None
@@ -172,7 +190,7 @@ class LLMEngine:
             raise RequestValidationError(
                 f"adapter virtual tokens ({num_virtual}) + inputs tokens ({len(prompt_ids)}) + max_new_tokens "
                 f"({p.max_new_tokens}) = {total}, above max_total_tokens {self.max_length}: "
-                "shorten the prompt or lower max_new_tokens"
+                f"shorten the prompt or lower max_new_tokens; {context}"
             )
         blocks = blocks_for(num_virtual, self.pool.block_size) + blocks_for(
             len(prompt_ids) + p.max_new_tokens, self.pool.block_size
@@ -198,14 +216,19 @@ class LLMEngine:
             raise RequestValidationError(
                 f"repetition_penalty must be between {low} and {high}, got {p.repetition_penalty}"
             )
-        if len(p.stop) > lim.max_stop_sequences:
+        if len(p.stop) > MAX_STOP_SEQUENCES:
             raise RequestValidationError(
-                f"stop holds {len(p.stop)} sequences; at most {lim.max_stop_sequences} are allowed"
+                f"stop holds {len(p.stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed "
+                f"({MAX_STOP_TOTAL_CHARS} characters in all)"
             )
         if any(not s for s in p.stop):
             raise RequestValidationError("stop sequences must not be empty strings")
         if any(len(s) > MAX_STOP_CHARS for s in p.stop):
             raise RequestValidationError(f"stop sequences may have at most {MAX_STOP_CHARS} characters each")
+        if (total := sum(map(len, p.stop))) > MAX_STOP_TOTAL_CHARS:
+            raise RequestValidationError(
+                f"stop sequences hold {total} characters in all; at most {MAX_STOP_TOTAL_CHARS} are allowed"
+            )
 
     # ----- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()  # the pool is written inside forward passes; every write must be in this mode

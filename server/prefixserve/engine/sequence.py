@@ -31,7 +31,11 @@ class GrammarSpec:
 # treats temperatures below 0.01 as numerically unsafe.
 TEMPERATURE_RANGE = (0.01, 100.0)
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# Stop sequences: bounded by size, not by OpenAI's count of 4 (evaluation harnesses send a task's own stops
+# and EOS besides). One automaton matches them all, so the cost per character does not grow with the count.
 MAX_STOP_CHARS = 256  # per stop sequence
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_TOTAL_CHARS = 4096  # all of a request's stop sequences together
 
 
 @dataclass(frozen=True)
