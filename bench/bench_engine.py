@@ -28,6 +28,7 @@ from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import load_model
 from prefixserve.engine.sequence import SamplingParams
+from prefixserve.engine.virtual_tokens import virtual_token_materializer
 
 VOCAB = 50257
 
@@ -111,6 +112,8 @@ def make_engine(model_dir: Path, store_dir: Path, adapters: list[Path], rows: in
         2**30,
         256,
         refresh_seconds=60,
+        materialize=virtual_token_materializer(loaded.model),
+        context_tokens=loaded.max_length,
     )
     for i, path in enumerate(adapters):
         registry.put("default", f"a{i}", read_adapter_dir(path))

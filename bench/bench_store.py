@@ -25,16 +25,16 @@ from pathlib import Path
 
 import torch
 
-from prefixserve.adapters.format import KVShape, PrefixAdapter
+from prefixserve.adapters.format import KVShape, PeftAdapter
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store import AdapterStore, open_store
 from tests.s3_server import start_s3_server
 
-GPT2 = KVShape(num_layers=12, num_kv_heads=12, head_dim=64)
+GPT2 = KVShape(num_layers=12, num_kv_heads=12, head_dim=64, hidden_size=768)
 NAMESPACE = "bench"
 
 
-def make_adapter(t: int, seed: int) -> PrefixAdapter:
+def make_adapter(t: int, seed: int) -> PeftAdapter:
     config = {
         "peft_type": "PREFIX_TUNING",
         "task_type": "CAUSAL_LM",
@@ -45,7 +45,7 @@ def make_adapter(t: int, seed: int) -> PrefixAdapter:
         "prefix_projection": False,
     }
     embeddings = torch.randn(t, GPT2.token_width, generator=torch.Generator().manual_seed(seed))
-    return PrefixAdapter(config, embeddings)
+    return PeftAdapter(config, embeddings)
 
 
 def registry(store: AdapterStore) -> AdapterRegistry:

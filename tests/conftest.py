@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.s3_server import S3Server, S3ServerError, start_s3_server
-from tests.tiny_models import build_model, make_adapter
+from tests.tiny_models import build_model, make_adapter, make_prompt_adapter
 
 torch.set_num_threads(int(os.environ.get("PREFIXSERVE_TEST_THREADS", "2")))
 ARCHS = ("gpt2", "llama", "mistral", "qwen2")
@@ -38,7 +38,23 @@ def adapter_dirs(
             name: make_adapter(base, root / arch / name, t, kind, seed=i)
             for i, (name, (t, kind)) in enumerate(specs.items())
         }
+        out[arch].update(
+            {
+                name: make_prompt_adapter(base, root / arch / name, t, kind, seed=10 + i)
+                for i, (name, (t, kind)) in enumerate(PROMPT_SPECS.items())
+            }
+        )
     return out
+
+
+# Prompt-learning adapters in every architecture's set: prompt tuning (random, text, trained), P-tuning (MLP, LSTM).
+PROMPT_SPECS = {
+    "prompt4": (4, "prompt-random"),
+    "prompttext6": (6, "prompt-text"),
+    "prompttrained5": (5, "prompt-trained"),
+    "pmlp3": (3, "p-mlp"),
+    "plstm7": (7, "p-lstm"),
+}
 
 
 @pytest.fixture(scope="session")

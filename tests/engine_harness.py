@@ -11,6 +11,7 @@ from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import load_model
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
+from prefixserve.engine.virtual_tokens import virtual_token_materializer
 
 NAMESPACE = "default"
 
@@ -47,8 +48,9 @@ def make_engine(
     max_prefill_tokens: int = 4096,
     kv_cache_mb: float = 64.0,
     block_size: int = 16,
+    dtype: str = "float32",
 ) -> LLMEngine:
-    loaded = load_model(str(model_dir), "cpu", "float32", max_total_tokens)
+    loaded = load_model(str(model_dir), "cpu", dtype, max_total_tokens)
     registry = AdapterRegistry(
         DirectoryStore(store_dir),
         loaded.kv_shape,
@@ -57,6 +59,8 @@ def make_engine(
         cache_bytes=cache_bytes,
         max_virtual_tokens=64,
         refresh_seconds=0.0,
+        materialize=virtual_token_materializer(loaded.model),
+        context_tokens=loaded.max_length,
     )
     for name, path in (adapters or {}).items():
         registry.put(NAMESPACE, name, read_adapter_dir(path))

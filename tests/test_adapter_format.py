@@ -22,7 +22,7 @@ from prefixserve.adapters.format import (
     validate_adapter,
 )
 
-SHAPE = KVShape(num_layers=2, num_kv_heads=4, head_dim=8)
+SHAPE = KVShape(num_layers=2, num_kv_heads=4, head_dim=8, hidden_size=32)
 LIMIT = 2**20
 
 
@@ -116,7 +116,7 @@ def test_bad_config_fields(change, message):
 
 
 def test_shape_mismatch_names_the_field():
-    other = KVShape(num_layers=3, num_kv_heads=4, head_dim=8)
+    other = KVShape(num_layers=3, num_kv_heads=4, head_dim=8, hidden_size=32)
     adapter = upload(peft_files(shape=other))
     with pytest.raises(AdapterMismatchError, match="num_layers is 3 but the served base model needs 2"):
         validate_adapter(adapter, SHAPE, 64)
@@ -232,3 +232,115 @@ def test_reads_a_peft_save_pretrained_directory(tmp_path: Path):
     for name, content in peft_files(t=6).items():
         (tmp_path / name).write_bytes(content)
     assert read_adapter_dir(tmp_path).num_virtual_tokens == 6
+
+
+# ----- prompt tuning and P-tuning: the virtual tokens' input embeddings, [T, hidden] -----------------------
+def prompt_files(
+    t: int = 5, width: int = SHAPE.hidden_size, rows: int | None = None, **config_overrides
+) -> dict[str, bytes]:
+    """A prompt-tuning adapter's files as PEFT 0.21 writes them (its config fields, for this SHAPE)."""
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": t,
+        "num_layers": SHAPE.num_layers,
+        "num_attention_heads": 4,  # the model's query heads: PEFT's field, not a K/V geometry here
+        "token_dim": SHAPE.hidden_size,
+        "num_transformer_submodules": 1,
+        "prompt_tuning_init": "RANDOM",
+        **config_overrides,
+    }
+    tensor = torch.randn(t if rows is None else rows, width)
+    return {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.safetensors": save({"prompt_embeddings": tensor}),
+    }
+
+
+P_TUNING = {"peft_type": "P_TUNING", "encoder_reparameterization_type": "MLP", "encoder_hidden_size": 16}
+
+
+@pytest.mark.parametrize(
+    ("config", "method"),
+    [
+        ({}, "prompt-tuning"),
+        (
+            {
+                "prompt_tuning_init": "TEXT",
+                "prompt_tuning_init_text": "Be brief.",
+                "tokenizer_name_or_path": "x",
+            },
+            "prompt-tuning",
+        ),
+        (P_TUNING, "p-tuning"),
+        ({**P_TUNING, "encoder_reparameterization_type": "LSTM", "encoder_num_layers": 3}, "p-tuning"),
+    ],
+)
+def test_prompt_learning_adapters_are_accepted(config, method):
+    adapter = upload(prompt_files(t=6, **config))
+    validate_adapter(adapter, SHAPE, max_virtual_tokens=64)
+    assert adapter.is_prompt and adapter.method == method and adapter.num_virtual_tokens == 6
+
+
+@pytest.mark.parametrize(
+    ("files", "error", "message"),
+    [
+        (prompt_files(width=24), AdapterMismatchError, "rows have width 24 .* hidden size, 32"),
+        (
+            prompt_files(token_dim=24),
+            AdapterMismatchError,
+            "token_dim is 24 but the served base model's hidden size is 32",
+        ),
+        (prompt_files(num_layers=3), AdapterMismatchError, "num_layers is 3 but the served base model has 2"),
+        (prompt_files(t=5, rows=4), InvalidAdapterError, "4 rows but num_virtual_tokens is 5"),
+        (prompt_files(t=65), InvalidAdapterError, "above this server's limit of 64"),
+        (
+            prompt_files(**{**P_TUNING, "encoder_reparameterization_type": "GRU"}),
+            InvalidAdapterError,
+            "encoder_reparameterization_type is 'GRU'; P-tuning's prompt encoder is MLP or LSTM",
+        ),
+        (
+            prompt_files(**{**P_TUNING, "encoder_hidden_size": 0}),
+            InvalidAdapterError,
+            "encoder_hidden_size must be a positive integer",
+        ),
+        (prompt_files(prompt_tuning_init="ZEROS"), InvalidAdapterError, "prompt_tuning_init is 'ZEROS'"),
+        (prompt_files(task_type=None), InvalidAdapterError, "only CAUSAL_LM"),
+    ],
+)
+def test_bad_prompt_learning_adapters_name_what_is_wrong(files, error, message):
+    with pytest.raises(error, match=message):
+        validate_adapter(upload(files), SHAPE, max_virtual_tokens=64)
+
+
+def test_a_prompt_that_leaves_no_room_in_the_context_is_refused():
+    adapter = upload(prompt_files(t=40))
+    validate_adapter(adapter, SHAPE, max_virtual_tokens=64, context_tokens=41)
+    with pytest.raises(
+        InvalidAdapterError, match="holds 40 tokens in all .* no room would be left for a prompt"
+    ):
+        validate_adapter(adapter, SHAPE, max_virtual_tokens=64, context_tokens=40)
+
+
+@pytest.mark.parametrize(
+    "peft_type", ["LORA", "IA3", "ADAPTION_PROMPT", "MULTITASK_PROMPT_TUNING", "CPT", "LOHA", None]
+)
+def test_other_peft_methods_are_refused_naming_the_supported_ones(peft_type):
+    with pytest.raises(InvalidAdapterError) as refused:
+        upload(prompt_files(peft_type=peft_type))
+    assert f"peft_type is {peft_type!r}" in str(refused.value)
+    for supported in ("PREFIX_TUNING", "CARTRIDGE", "PROMPT_TUNING", "P_TUNING"):
+        assert supported in str(refused.value)
+
+
+def test_reads_peft_prompt_learning_directories(tmp_path: Path, tiny_model_dirs):
+    from prefixserve.engine.model_loader import kv_shape_of
+    from tests.tiny_models import PROMPT_KINDS, load_base, make_prompt_adapter
+
+    base = tiny_model_dirs["llama"]
+    shape = kv_shape_of(load_base(base).config)
+    for i, kind in enumerate(PROMPT_KINDS):
+        adapter = read_adapter_dir(make_prompt_adapter(base, tmp_path / kind, 3 + i, kind))
+        validate_adapter(adapter, shape, max_virtual_tokens=64)
+        assert adapter.num_virtual_tokens == 3 + i
+        assert tuple(adapter.embeddings.shape) == (3 + i, shape.hidden_size)

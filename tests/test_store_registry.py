@@ -177,14 +177,14 @@ def test_lru_evicts_by_bytes_and_counts(tmp_path):
     reg = registry(tmp_path, cache_bytes=SHAPE.token_width * 4 * 10)  # room for T=10 of float32
     for name, t in (("a", 5), ("b", 4), ("c", 3)):
         reg.put("default", name, adapter(t))
-    evictions = metrics.ADAPTER_CACHE_EVICTIONS._value.get()
+    evictions = metrics.ADAPTER_CACHE_EVICTIONS.labels("prefix-tuning")._value.get()
     reg.get("default", ("a",))
     reg.get("default", ("b",))
     assert reg.is_loaded("default", "a") and reg.is_loaded("default", "b")
     reg.get("default", ("a",))  # a is now most recent
     reg.get("default", ("c",))  # 5+4+3 > 10: evicts b, the least recently used
     assert reg.is_loaded("default", "a") and not reg.is_loaded("default", "b")
-    assert metrics.ADAPTER_CACHE_EVICTIONS._value.get() == evictions + 1
+    assert metrics.ADAPTER_CACHE_EVICTIONS.labels("prefix-tuning")._value.get() == evictions + 1
 
 
 def test_replacement_by_another_replica_is_seen_within_the_refresh_time(backend):

@@ -96,7 +96,7 @@ def test_saved_adapter_is_peft_format_and_prefixserve_serves_it_like_peft(traine
     assert list(load_file(adapter_dir / "adapter_model.safetensors")) == ["prompt_embeddings"]
 
     cfg = base_model().config
-    shape = KVShape(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head)
+    shape = KVShape(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd)
     adapter = read_adapter_dir(adapter_dir)
     validate_adapter(adapter, shape, 64)
     prefix = LoadedPrefix("t", ("a",), ("",), embeddings_to_kv(adapter.embeddings, shape))
@@ -409,7 +409,9 @@ EXAMPLES = {  # what adapters/README.md shows, on prompts that are in none of th
 def test_example_adapters_do_what_their_readme_says(name, tok):
     path = Path(__file__).resolve().parent.parent / "adapters" / name
     cfg = base_model().config
-    validate_adapter(read_adapter_dir(path), KVShape(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head), 64)
+    validate_adapter(
+        read_adapter_dir(path), KVShape(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd), 64
+    )
     prompt, text = EXAMPLES[name]
     adapted = greedy(PeftModel.from_pretrained(base_model(), path).eval(), tok, prompt, 32)
     assert tok.decode(adapted, skip_special_tokens=True) == text

@@ -6,7 +6,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft import (
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -101,6 +109,39 @@ def make_adapter(
     return out
 
 
+PROMPT_KINDS = ("prompt-random", "prompt-text", "p-mlp", "p-lstm", "prompt-trained")
+
+
+def make_prompt_adapter(
+    base_path: Path, out: Path, num_virtual_tokens: int, kind: str, seed: int = 0
+) -> Path:
+    """A PEFT prompt-learning adapter, as save_pretrained writes it. kind: one of PROMPT_KINDS."""
+    torch.manual_seed(seed)
+    common = {"task_type": TaskType.CAUSAL_LM, "num_virtual_tokens": num_virtual_tokens}
+    if kind in ("prompt-random", "prompt-trained"):
+        config = PromptTuningConfig(**common)
+    elif kind == "prompt-text":
+        config = PromptTuningConfig(
+            **common,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text="Answer like a pirate.",
+            tokenizer_name_or_path=str(base_path),
+        )
+    elif kind == "p-mlp":
+        config = PromptEncoderConfig(**common, encoder_hidden_size=24)
+    elif kind == "p-lstm":
+        config = PromptEncoderConfig(
+            **common, encoder_hidden_size=16, encoder_reparameterization_type="LSTM", encoder_num_layers=2
+        )
+    else:
+        raise ValueError(kind)
+    model = get_peft_model(load_base(base_path), config)
+    if kind == "prompt-trained":
+        _train_a_few_steps(model, base_path)
+    model.save_pretrained(out)
+    return out
+
+
 def _train_a_few_steps(model: PeftModel, base_path: Path, steps: int = 5) -> None:
     tok = tokenizer(base_path)
     batch = tok(["The pirate captain raised the flag."], return_tensors="pt")
@@ -135,9 +176,11 @@ def greedy_by_forward(
     return new
 
 
-def peft_model(base_path: Path, adapter_dir: Path | None) -> torch.nn.Module:
-    """The base model with PEFT's adapter in front (or alone for None), fp32."""
-    model = load_base(base_path)
+def peft_model(
+    base_path: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """The base model with PEFT's adapter in front (or alone for None), fp32 unless told otherwise."""
+    model = load_base(base_path).to(dtype)
     return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir).eval()
 
 
@@ -147,8 +190,10 @@ def peft_generate(base_path: Path, adapter_dir: Path | None, prompt: str, max_ne
     return greedy_by_forward(peft_model(base_path, adapter_dir), prompt_ids, max_new_tokens)
 
 
-def peft_last_logits(base_path: Path, adapter_dir: Path | None, prompt: str) -> torch.Tensor:
-    model = peft_model(base_path, adapter_dir)
+def peft_last_logits(
+    base_path: Path, adapter_dir: Path | None, prompt: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    model = peft_model(base_path, adapter_dir, dtype)
     enc = tokenizer(base_path)(prompt, return_tensors="pt")
     with torch.no_grad():
         return model(**enc).logits[0, -1].float()

@@ -14,6 +14,7 @@ from prefixserve.config import Settings
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import LoadedModel, load_model
 from prefixserve.engine.self_check import check_prefix_serving
+from prefixserve.engine.virtual_tokens import virtual_token_materializer
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def build_runtime(settings: Settings) -> Runtime:
         cache_bytes=int(settings.adapter_cache_mb * 2**20),
         max_virtual_tokens=settings.max_virtual_tokens,
         refresh_seconds=settings.adapter_refresh_seconds,
+        materialize=virtual_token_materializer(loaded.model),
+        context_tokens=loaded.max_length,
     )
     limits = EngineLimits(
         max_batch_size=settings.max_batch_size,

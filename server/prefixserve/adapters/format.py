@@ -1,8 +1,13 @@
-"""The PEFT prefix-adapter format: read, validate, and turn into per-layer key/value prefixes.
+"""PEFT's prompt-learning adapter formats: read, validate, and (prefix kinds) turn into per-layer K/V prefixes.
 
 A PEFT `save_pretrained` directory holds `adapter_config.json` and `adapter_model.safetensors` with one
-tensor, `prompt_embeddings` of shape [T, L*2*H*D]. Row t viewed as [2L, H, D] holds, for layer l, the
-key (slice 2l) and value (slice 2l+1) of virtual token t. Prefix keys carry no rotary embedding.
+tensor, `prompt_embeddings`, whose meaning depends on `peft_type`:
+- prefix kinds (PREFIX_TUNING, CARTRIDGE): [T, L*2*H*D]. Row t viewed as [2L, H, D] holds, for layer l, the
+  key (slice 2l) and value (slice 2l+1) of virtual token t. Prefix keys carry no rotary embedding.
+- prompt kinds (PROMPT_TUNING, P_TUNING): [T, hidden], the input embeddings of T virtual tokens that PEFT
+  puts before the prompt's embeddings. For P-tuning PEFT saves its prompt encoder's *output* (the MLP or
+  LSTM is a training device), so both kinds serve the same way: the base model's keys/values for these
+  embeddings at positions 0..T-1 become the prefix (engine/virtual_tokens.py computes them).
 """
 
 from __future__ import annotations
@@ -26,18 +31,31 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 TENSOR_NAME = "prompt_embeddings"
-SUPPORTED_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+PREFIX_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")  # keys/values per layer
+PROMPT_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING")  # input embeddings of virtual tokens
+SUPPORTED_PEFT_TYPES = PREFIX_PEFT_TYPES + PROMPT_PEFT_TYPES
+# How the API and metrics name each kind; `prefixserve train --method` takes the trainable ones.
+METHODS = {
+    "PREFIX_TUNING": "prefix-tuning",
+    "CARTRIDGE": "cartridge",
+    "PROMPT_TUNING": "prompt-tuning",
+    "P_TUNING": "p-tuning",
+}
+P_TUNING_ENCODERS = ("MLP", "LSTM")
+PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 MAX_ARCHIVE_MEMBERS = 64
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
 class KVShape:
-    """The base model's key/value geometry that an adapter must match."""
+    """The base model's geometry that an adapter must match: its key/value layout, and (for prompt kinds,
+    whose virtual tokens are input embeddings) its hidden size."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    hidden_size: int
 
     @property
     def token_width(self) -> int:
@@ -46,8 +64,8 @@ class KVShape:
 
 
 @dataclass(frozen=True)
-class PrefixAdapter:
-    """A parsed adapter: its PEFT config and its `prompt_embeddings` ([T, L*2*H*D], on the CPU)."""
+class PeftAdapter:
+    """A parsed adapter: its PEFT config and its `prompt_embeddings` (on the CPU; see the module's docstring)."""
 
     config: dict[str, Any]
     embeddings: torch.Tensor
@@ -60,8 +78,21 @@ class PrefixAdapter:
     def peft_type(self) -> str:
         return str(self.config.get("peft_type"))
 
+    @property
+    def method(self) -> str:
+        return method_of(self.peft_type)
 
-def read_adapter_files(files: Mapping[str, bytes]) -> PrefixAdapter:
+    @property
+    def is_prompt(self) -> bool:
+        """Virtual-token embeddings (prompt tuning, P-tuning), not keys/values."""
+        return self.peft_type in PROMPT_PEFT_TYPES
+
+
+def method_of(peft_type: str) -> str:
+    return METHODS.get(peft_type, peft_type.lower())
+
+
+def read_adapter_files(files: Mapping[str, bytes]) -> PeftAdapter:
     """Parse the two PEFT files, given by name (basename) → content."""
     names = set(files)
     pickled = sorted(names & set(PICKLE_NAMES))
@@ -80,7 +111,7 @@ def read_adapter_files(files: Mapping[str, bytes]) -> PrefixAdapter:
         raise InvalidAdapterError(f"missing {WEIGHTS_NAME}: send it together with {CONFIG_NAME}")
     config = parse_config(files[CONFIG_NAME])
     embeddings = parse_weights(files[WEIGHTS_NAME])
-    return PrefixAdapter(config=config, embeddings=embeddings)
+    return PeftAdapter(config=config, embeddings=embeddings)
 
 
 def parse_config(raw: bytes) -> dict[str, Any]:
@@ -96,18 +127,25 @@ def parse_config(raw: bytes) -> dict[str, Any]:
         raise InvalidAdapterError(f"{CONFIG_NAME} must hold a JSON object")
     peft_type = config.get("peft_type")
     if peft_type not in SUPPORTED_PEFT_TYPES:
+        made_with = "PrefixTuningConfig, CartridgeConfig, PromptTuningConfig or PromptEncoderConfig"
         raise InvalidAdapterError(
-            f"{CONFIG_NAME}: peft_type is {peft_type!r}; this server serves prefix adapters only "
-            f"(peft_type {' or '.join(SUPPORTED_PEFT_TYPES)}, made with PEFT's PrefixTuningConfig or CartridgeConfig)"
+            f"{CONFIG_NAME}: peft_type is {peft_type!r}; this server serves PEFT's prompt-learning adapters "
+            f"with peft_type {', '.join(SUPPORTED_PEFT_TYPES)} (made with PEFT's {made_with})"
         )
     task_type = config.get("task_type")
-    if task_type not in ("CAUSAL_LM", None) or (task_type is None and peft_type == "PREFIX_TUNING"):
+    if task_type not in ("CAUSAL_LM", None) or (task_type is None and peft_type != "CARTRIDGE"):
         raise InvalidAdapterError(
             f"{CONFIG_NAME}: task_type is {task_type!r}; only CAUSAL_LM adapters can be served "
             "(set task_type=TaskType.CAUSAL_LM when creating the PEFT config)"
         )
+    # Prefix kinds describe their K/V layout; prompt kinds need only their width (PEFT fills in the others).
+    required = ("num_virtual_tokens", "token_dim")
+    if peft_type in PREFIX_PEFT_TYPES:
+        required += ("num_layers", "num_attention_heads")
     for key in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"):
         value = config.get(key)
+        if value is None and key not in required:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidAdapterError(f"{CONFIG_NAME}: {key} must be a positive integer, got {value!r}")
     submodules = config.get("num_transformer_submodules", 1)
@@ -115,7 +153,29 @@ def parse_config(raw: bytes) -> dict[str, Any]:
         raise InvalidAdapterError(
             f"{CONFIG_NAME}: num_transformer_submodules is {submodules}; encoder-decoder adapters cannot be served"
         )
+    if peft_type == "P_TUNING":
+        _check_prompt_encoder(config)
+    if peft_type == "PROMPT_TUNING" and config.get("prompt_tuning_init", "RANDOM") not in PROMPT_TUNING_INITS:
+        raise InvalidAdapterError(
+            f"{CONFIG_NAME}: prompt_tuning_init is {config.get('prompt_tuning_init')!r}; PEFT writes one of "
+            f"{', '.join(PROMPT_TUNING_INITS)}"
+        )
     return config
+
+
+def _check_prompt_encoder(config: dict[str, Any]) -> None:
+    """P-tuning's encoder settings. PEFT saves the encoder's output, so they do not change what is served,
+    but a config that PEFT could not have written means the files were edited or do not belong together."""
+    encoder = config.get("encoder_reparameterization_type", "MLP")
+    if encoder not in P_TUNING_ENCODERS:
+        raise InvalidAdapterError(
+            f"{CONFIG_NAME}: encoder_reparameterization_type is {encoder!r}; P-tuning's prompt encoder is "
+            f"{' or '.join(P_TUNING_ENCODERS)}"
+        )
+    for key in ("encoder_hidden_size", "encoder_num_layers"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidAdapterError(f"{CONFIG_NAME}: {key} must be a positive integer, got {value!r}")
 
 
 def parse_weights(raw: bytes) -> torch.Tensor:
@@ -143,9 +203,14 @@ def parse_weights(raw: bytes) -> torch.Tensor:
 
 
 def validate_adapter(
-    adapter: PrefixAdapter, shape: KVShape, max_virtual_tokens: int, dtype: torch.dtype | None = None
+    adapter: PeftAdapter,
+    shape: KVShape,
+    max_virtual_tokens: int,
+    dtype: torch.dtype | None = None,
+    context_tokens: int | None = None,
 ) -> None:
-    """Check that `adapter` can be served exactly on a base model of this `shape` (and `dtype`, if given)."""
+    """Check that `adapter` can be served exactly on a base model of this `shape` (and `dtype`, if given),
+    leaving room for a prompt in a row of `context_tokens` (if given)."""
     cfg = adapter.config
     t_config, t_tensor = cfg["num_virtual_tokens"], adapter.num_virtual_tokens
     if t_tensor != t_config:
@@ -157,6 +222,33 @@ def validate_adapter(
             f"num_virtual_tokens is {t_config}, above this server's limit of {max_virtual_tokens} "
             "(train a shorter prefix, or raise --max-virtual-tokens)"
         )
+    if context_tokens is not None and t_config >= context_tokens:
+        raise InvalidAdapterError(
+            f"num_virtual_tokens is {t_config}, but a row of the served base model holds {context_tokens} tokens "
+            "in all (its context, or --max-total-tokens): no room would be left for a prompt; train a shorter "
+            "prefix"
+        )
+    if adapter.is_prompt:
+        _check_prompt_shape(adapter, shape)
+    else:
+        _check_prefix_shape(adapter, shape)
+    if not bool(torch.isfinite(adapter.embeddings).all()):
+        raise InvalidAdapterError(f"'{TENSOR_NAME}' holds NaN or infinite values; the adapter is corrupt")
+    if dtype is not None and not bool(torch.isfinite(adapter.embeddings.to(dtype)).all()):
+        largest = float(adapter.embeddings.abs().max())
+        raise InvalidAdapterError(
+            f"'{TENSOR_NAME}' holds values up to {largest:.3g}, which overflow {str(dtype).removeprefix('torch.')}, "
+            f"the dtype this server computes in (largest finite: {torch.finfo(dtype).max:.3g}); "
+            "the adapter cannot be served"
+        )
+
+
+def _made_for_another_model(cfg: dict[str, Any]) -> str:
+    return f"this adapter was made for another base model (base_model_name_or_path: {cfg.get('base_model_name_or_path')!r})"
+
+
+def _check_prefix_shape(adapter: PeftAdapter, shape: KVShape) -> None:
+    cfg = adapter.config
     expected = {
         "num_layers": shape.num_layers,
         "num_attention_heads": shape.num_kv_heads,
@@ -167,8 +259,7 @@ def validate_adapter(
             raise AdapterMismatchError(
                 f"{CONFIG_NAME}: {key} is {cfg[key]} but the served base model needs {want} "
                 f"({shape.num_layers} layers, {shape.num_kv_heads} key/value heads of size {shape.head_dim}); "
-                f"this adapter was made for another base model (base_model_name_or_path: "
-                f"{cfg.get('base_model_name_or_path')!r})"
+                + _made_for_another_model(cfg)
             )
     width = int(adapter.embeddings.shape[1])
     if width != shape.token_width:
@@ -177,14 +268,25 @@ def validate_adapter(
             f"{shape.token_width} (= layers {shape.num_layers} x 2 x kv heads {shape.num_kv_heads} x head dim "
             f"{shape.head_dim})"
         )
-    if not bool(torch.isfinite(adapter.embeddings).all()):
-        raise InvalidAdapterError(f"'{TENSOR_NAME}' holds NaN or infinite values; the adapter is corrupt")
-    if dtype is not None and not bool(torch.isfinite(adapter.embeddings.to(dtype)).all()):
-        largest = float(adapter.embeddings.abs().max())
-        raise InvalidAdapterError(
-            f"'{TENSOR_NAME}' holds values up to {largest:.3g}, which overflow {str(dtype).removeprefix('torch.')}, "
-            f"the dtype this server computes in (largest finite: {torch.finfo(dtype).max:.3g}); "
-            "the adapter cannot be served"
+
+
+def _check_prompt_shape(adapter: PeftAdapter, shape: KVShape) -> None:
+    cfg = adapter.config
+    if cfg["token_dim"] != shape.hidden_size:
+        raise AdapterMismatchError(
+            f"{CONFIG_NAME}: token_dim is {cfg['token_dim']} but the served base model's hidden size is "
+            f"{shape.hidden_size}; " + _made_for_another_model(cfg)
+        )
+    if cfg.get("num_layers") not in (None, shape.num_layers):
+        raise AdapterMismatchError(
+            f"{CONFIG_NAME}: num_layers is {cfg['num_layers']} but the served base model has {shape.num_layers}; "
+            + _made_for_another_model(cfg)
+        )
+    width = int(adapter.embeddings.shape[1])
+    if width != shape.hidden_size:
+        raise AdapterMismatchError(
+            f"'{TENSOR_NAME}' rows have width {width} but a {adapter.method} adapter's rows are input embeddings "
+            f"of the served base model's hidden size, {shape.hidden_size}"
         )
 
 
@@ -201,7 +303,7 @@ def kv_to_embeddings(kv: torch.Tensor) -> torch.Tensor:
     return kv.permute(3, 0, 1, 2, 4).reshape(t, -1).contiguous()
 
 
-def read_adapter_dir(path: Path) -> PrefixAdapter:
+def read_adapter_dir(path: Path) -> PeftAdapter:
     if not path.is_dir():
         raise InvalidAdapterError(f"{path} is not a directory")
     files = {p.name: p.read_bytes() for p in path.iterdir() if p.name in (CONFIG_NAME, WEIGHTS_NAME)}
@@ -211,7 +313,7 @@ def read_adapter_dir(path: Path) -> PrefixAdapter:
     return read_adapter_files(files)
 
 
-def read_adapter_archive(data: bytes, filename: str, max_unpacked_bytes: int) -> PrefixAdapter:
+def read_adapter_archive(data: bytes, filename: str, max_unpacked_bytes: int) -> PeftAdapter:
     """Read a .zip / .tar / .tar.gz of a PEFT adapter directory, taking only regular files by basename."""
     return read_adapter_files(extract_archive(data, filename, max_unpacked_bytes))
 
@@ -333,7 +435,7 @@ def _mb(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
 
 
-def read_upload(files: list[tuple[str, bytes]], max_bytes: int) -> PrefixAdapter:
+def read_upload(files: list[tuple[str, bytes]], max_bytes: int) -> PeftAdapter:
     """An upload is either the PEFT file pair or a single archive holding it."""
     total = sum(len(content) for _, content in files)
     if total > max_bytes:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +20,21 @@ from cachetools import LRUCache
 
 from prefixserve import metrics
 from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError
-from prefixserve.adapters.format import KVShape, PrefixAdapter, embeddings_to_kv, validate_adapter
+from prefixserve.adapters.format import (
+    METHODS,
+    KVShape,
+    PeftAdapter,
+    embeddings_to_kv,
+    method_of,
+    validate_adapter,
+)
 from prefixserve.adapters.ids import COMPOSE_SEPARATOR
 from prefixserve.adapters.store import AdapterInfo, AdapterStore
 
 AdapterKey = tuple[str, tuple[str, ...]]  # (namespace, adapter ids in composition order)
+# Prompt kinds' virtual-token embeddings [T, hidden] → their keys/values [layers, 2, kv_heads, T, head_dim]:
+# a forward pass of the base model, which the engine provides (engine/virtual_tokens.py).
+Materializer = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,9 @@ class LoadedPrefix:
     adapter_ids: tuple[str, ...]
     sha256: tuple[str, ...]
     kv: torch.Tensor  # [layers, 2, kv_heads, num_virtual_tokens, head_dim], model dtype, on device
+    method: str = "prefix-tuning"  # format.METHODS; a composition's is its parts' (they are all alike)
+    # Prompt kinds: the virtual tokens' input embeddings, which a composition runs the model over again.
+    embeddings: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -57,7 +72,7 @@ class _Entry:
 class _CountingLRU(LRUCache):
     def popitem(self):  # type: ignore[override]
         item = super().popitem()
-        metrics.ADAPTER_CACHE_EVICTIONS.inc()
+        metrics.ADAPTER_CACHE_EVICTIONS.labels(item[1].prefix.method).inc()
         return item
 
 
@@ -71,8 +86,12 @@ class AdapterRegistry:
         cache_bytes: int,
         max_virtual_tokens: int,
         refresh_seconds: float,
+        materialize: Materializer | None = None,
+        context_tokens: int | None = None,
     ) -> None:
         self.store = store
+        self.materialize = materialize
+        self.context_tokens = context_tokens
         self.shape = shape
         self.dtype = dtype
         self.device = device
@@ -84,10 +103,10 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._invalidations = 0  # bumped by every upload/delete; a load that overlapped one is not cached
 
-    def validate(self, adapter: PrefixAdapter) -> None:
-        validate_adapter(adapter, self.shape, self.max_virtual_tokens, self.dtype)
+    def validate(self, adapter: PeftAdapter) -> None:
+        validate_adapter(adapter, self.shape, self.max_virtual_tokens, self.dtype, self.context_tokens)
 
-    def put(self, namespace: str, adapter_id: str, adapter: PrefixAdapter) -> tuple[AdapterInfo, bool]:
+    def put(self, namespace: str, adapter_id: str, adapter: PeftAdapter) -> tuple[AdapterInfo, bool]:
         """Validate, store durably, and make new requests see this version."""
         self.validate(adapter)
         info, created = self.store.put(namespace, adapter_id, adapter)
@@ -103,7 +122,7 @@ class AdapterRegistry:
             self._invalidations += 1
             for key in [k for k in self._cache if k[0] == namespace and adapter_id in k[1]]:
                 del self._cache[key]
-            self._update_bytes_gauge()
+            self._update_gauges()
 
     def is_loaded(self, namespace: str, adapter_id: str) -> bool:
         with self._lock:
@@ -122,29 +141,42 @@ class AdapterRegistry:
         now = time.monotonic()
         if entry is not None:
             if now - entry.checked_at < self.refresh_seconds:
-                metrics.ADAPTER_CACHE_HITS.inc()
+                metrics.ADAPTER_CACHE_HITS.labels(entry.prefix.method).inc()
                 return entry.prefix
             fingerprint = self.store.fingerprint(namespace, adapter_id)
             if fingerprint == entry.version:
                 entry.checked_at = now
-                metrics.ADAPTER_CACHE_HITS.inc()
+                metrics.ADAPTER_CACHE_HITS.labels(entry.prefix.method).inc()
                 return entry.prefix
             with self._lock:
                 self._cache.pop(key, None)
             if fingerprint is None:
                 raise AdapterNotFoundError(adapter_id)
         # A miss reads the store outside the lock, so one cold load never stalls lookups of other adapters.
-        metrics.ADAPTER_CACHE_MISSES.inc()
         start = time.perf_counter()
         invalidations = self._invalidations
         adapter, info, fingerprint = self.store.load(namespace, adapter_id)
         self.validate(adapter)
-        kv = embeddings_to_kv(adapter.embeddings.to(self.dtype), self.shape).to(self.device)
-        prefix = LoadedPrefix(namespace, (adapter_id,), (info.sha256,), kv)
+        prefix = self._prepare(namespace, adapter_id, info.sha256, adapter)
         # Cache it unless an upload or delete happened meanwhile: what was read may be the version it replaced.
         self._insert(key, _Entry(prefix, fingerprint, now), invalidations)
-        metrics.ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - start)
+        metrics.ADAPTER_CACHE_MISSES.labels(prefix.method).inc()  # counted once the kind is known
+        metrics.ADAPTER_LOAD_SECONDS.labels(prefix.method).observe(time.perf_counter() - start)
         return prefix
+
+    def _prepare(self, namespace: str, adapter_id: str, sha256: str, adapter: PeftAdapter) -> LoadedPrefix:
+        method = method_of(adapter.peft_type)
+        if not adapter.is_prompt:
+            kv = embeddings_to_kv(adapter.embeddings.to(self.dtype), self.shape).to(self.device)
+            return LoadedPrefix(namespace, (adapter_id,), (sha256,), kv, method)
+        embeddings = adapter.embeddings.to(self.dtype)
+        kv = self._materialize(embeddings, adapter.method)
+        return LoadedPrefix(namespace, (adapter_id,), (sha256,), kv, method, embeddings)
+
+    def _materialize(self, embeddings: torch.Tensor, method: str) -> torch.Tensor:
+        if self.materialize is None:
+            raise InvalidAdapterError(f"this registry has no base model to run {method} adapters with")
+        return self.materialize(embeddings).to(self.device)
 
     def _get_composed(self, namespace: str, adapter_ids: tuple[str, ...]) -> LoadedPrefix:
         parts = [self._get_single(namespace, adapter_id) for adapter_id in adapter_ids]
@@ -154,14 +186,29 @@ class AdapterRegistry:
             entry = self._cache.get(key)
         if entry is not None and entry.version == version:
             return entry.prefix
+        name = COMPOSE_SEPARATOR.join(adapter_ids)
         total = sum(p.num_virtual_tokens for p in parts)
         if total > self.max_virtual_tokens:
             raise InvalidAdapterError(
-                f"composition {COMPOSE_SEPARATOR.join(adapter_ids)!r} has {total} virtual tokens, above this "
+                f"composition {name!r} has {total} virtual tokens, above this "
                 f"server's limit of {self.max_virtual_tokens}; compose fewer or shorter adapters"
             )
-        kv = torch.cat([p.kv for p in parts], dim=3)
-        prefix = LoadedPrefix(namespace, adapter_ids, version, kv)
+        prompt_parts = [p.adapter_ids[0] for p in parts if p.embeddings is not None]
+        if not prompt_parts:  # prefixes: a's keys/values, then b's
+            prefix = LoadedPrefix(namespace, adapter_ids, version, torch.cat([p.kv for p in parts], dim=3))
+        elif len(prompt_parts) == len(parts):  # virtual tokens: a's, then b's, run through the model together
+            embeddings = torch.cat([p.embeddings for p in parts])  # type: ignore[misc]
+            kv = self._materialize(embeddings, "prompt-learning")
+            methods = {p.method for p in parts}
+            method = methods.pop() if len(methods) == 1 else "prompt-learning"
+            prefix = LoadedPrefix(namespace, adapter_ids, version, kv, method, embeddings)
+        else:
+            raise InvalidAdapterError(
+                f"composition {name!r} mixes prefix adapters with prompt-learning adapters "
+                f"({', '.join(prompt_parts)}): a prefix's keys/values and a prompt's virtual-token embeddings "
+                "have no common order in PEFT; compose adapters of one kind (prefix-tuning and cartridges, or "
+                "prompt tuning and P-tuning)"
+            )
         self._insert(key, _Entry(prefix, version, time.monotonic()))
         return prefix
 
@@ -169,7 +216,10 @@ class AdapterRegistry:
         with self._lock, contextlib.suppress(ValueError):  # larger than the whole budget: serve it uncached
             if invalidations is None or invalidations == self._invalidations:
                 self._cache[key] = entry
-            self._update_bytes_gauge()
+            self._update_gauges()
 
-    def _update_bytes_gauge(self) -> None:
+    def _update_gauges(self) -> None:
         metrics.ADAPTER_CACHE_BYTES.set(self._cache.currsize)
+        counts = Counter(entry.prefix.method for key, entry in self._cache.items() if len(key[1]) == 1)
+        for method in METHODS.values():
+            metrics.ADAPTERS_LOADED.labels(method).set(counts[method])

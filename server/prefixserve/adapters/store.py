@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prefixserve.adapters.locations import S3Location, parse_store_location
 
 if TYPE_CHECKING:
-    from prefixserve.adapters.format import PrefixAdapter
+    from prefixserve.adapters.format import PeftAdapter
 
 # A version fingerprint: changes whenever the stored adapter is replaced or removed. A file's
 # (inode, mtime, size); an object's ETag.
@@ -43,11 +43,11 @@ class AdapterStore(Protocol):
     AdapterNotFoundError; a stored file that cannot be read InvalidAdapterError (AdapterIntegrityError when
     its content no longer matches its sha256); a store that cannot be used StoreError (503)."""
 
-    def put(self, namespace: str, adapter_id: str, adapter: PrefixAdapter) -> tuple[AdapterInfo, bool]:
+    def put(self, namespace: str, adapter_id: str, adapter: PeftAdapter) -> tuple[AdapterInfo, bool]:
         """Store (create or replace) an adapter; returns what this call stored and whether it was new."""
         ...
 
-    def load(self, namespace: str, adapter_id: str) -> tuple[PrefixAdapter, AdapterInfo, Fingerprint]:
+    def load(self, namespace: str, adapter_id: str) -> tuple[PeftAdapter, AdapterInfo, Fingerprint]:
         """Read an adapter, verifying its content against the sha256 recorded when it was stored."""
         ...
 

@@ -23,7 +23,7 @@ from prefixserve.adapters.errors import (
     InvalidAdapterIdError,
     StoreError,
 )
-from prefixserve.adapters.format import PrefixAdapter
+from prefixserve.adapters.format import PeftAdapter
 from prefixserve.adapters.ids import validate_adapter_id
 from prefixserve.adapters.store import AdapterInfo, Fingerprint
 from prefixserve.adapters.store_files import fsync_dir, publish, storage_faults
@@ -54,7 +54,7 @@ class DirectoryStore:
         validate_adapter_id(adapter_id)
         return self.root / namespace / f"{adapter_id}{FILE_SUFFIX}"
 
-    def put(self, namespace: str, adapter_id: str, adapter: PrefixAdapter) -> tuple[AdapterInfo, bool]:
+    def put(self, namespace: str, adapter_id: str, adapter: PeftAdapter) -> tuple[AdapterInfo, bool]:
         """Store (create or replace) an adapter; returns what this call stored and whether it was new."""
         path = self.path(namespace, adapter_id)
         try:
@@ -78,7 +78,7 @@ class DirectoryStore:
         info = stored_info(namespace, adapter_id, adapter, sha256, len(data), created_at, updated_at)
         return info, created
 
-    def load(self, namespace: str, adapter_id: str) -> tuple[PrefixAdapter, AdapterInfo, Fingerprint]:
+    def load(self, namespace: str, adapter_id: str) -> tuple[PeftAdapter, AdapterInfo, Fingerprint]:
         """Read an adapter, verifying its content against the sha256 recorded when it was stored."""
         path = self.path(namespace, adapter_id)
         with storage_faults(adapter_id, "read", path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from prefixserve.adapters.errors import AdapterIntegrityError, InvalidAdapterError
-from prefixserve.adapters.format import TENSOR_NAME, PrefixAdapter, parse_config, parse_weights
+from prefixserve.adapters.format import TENSOR_NAME, PeftAdapter, parse_config, parse_weights
 from prefixserve.adapters.store import AdapterInfo
 
 log = logging.getLogger("prefixserve.adapters.store")
@@ -21,7 +21,7 @@ FILE_SUFFIX = ".safetensors"
 FORMAT_TAG = "prefixserve.adapter/1"
 
 
-def encode_adapter(adapter: PrefixAdapter, created_at: float) -> tuple[bytes, str]:
+def encode_adapter(adapter: PeftAdapter, created_at: float) -> tuple[bytes, str]:
     """The stored bytes of `adapter`, and the content sha256 recorded in them."""
     config_json = json.dumps(adapter.config, sort_keys=True)
     tensors = {TENSOR_NAME: adapter.embeddings.contiguous()}
@@ -38,7 +38,7 @@ def encode_adapter(adapter: PrefixAdapter, created_at: float) -> tuple[bytes, st
 def stored_info(
     namespace: str,
     adapter_id: str,
-    adapter: PrefixAdapter,
+    adapter: PeftAdapter,
     sha256: str,
     size: int,
     created_at: float,
@@ -61,7 +61,7 @@ def stored_info(
 
 def decode_verified(
     namespace: str, adapter_id: str, data: bytes, where: object, updated_at: float
-) -> tuple[PrefixAdapter, AdapterInfo]:
+) -> tuple[PeftAdapter, AdapterInfo]:
     """Parse stored bytes, verifying their content against the sha256 recorded when they were stored.
     `where` (a path, an s3:// URL) goes to the log only."""
     try:
@@ -84,7 +84,7 @@ def decode_verified(
             f"the stored file of adapter '{adapter_id}' does not match the sha256 recorded when it was "
             f"uploaded ({info.sha256}): it was changed in the store; upload the adapter again"
         )
-    return PrefixAdapter(info.config, embeddings), info
+    return PeftAdapter(info.config, embeddings), info
 
 
 def info_from_metadata(

@@ -36,7 +36,7 @@ from prefixserve.adapters.errors import (
     InvalidAdapterIdError,
     StoreError,
 )
-from prefixserve.adapters.format import PrefixAdapter
+from prefixserve.adapters.format import PeftAdapter
 from prefixserve.adapters.ids import validate_adapter_id
 from prefixserve.adapters.locations import S3Location
 from prefixserve.adapters.s3_client import check_bucket, error_code, is_not_found, make_client, s3_faults
@@ -79,7 +79,7 @@ class S3Store:
     def url(self, key: str) -> str:
         return f"s3://{self.location.bucket}/{key}"
 
-    def put(self, namespace: str, adapter_id: str, adapter: PrefixAdapter) -> tuple[AdapterInfo, bool]:
+    def put(self, namespace: str, adapter_id: str, adapter: PeftAdapter) -> tuple[AdapterInfo, bool]:
         """Store (create or replace) an adapter; returns what this call stored and whether it was new."""
         key = self.key(namespace, adapter_id)
         try:
@@ -112,7 +112,7 @@ class S3Store:
         info = stored_info(namespace, adapter_id, adapter, sha256, len(data), created_at, time.time())
         return info, created
 
-    def load(self, namespace: str, adapter_id: str) -> tuple[PrefixAdapter, AdapterInfo, Fingerprint]:
+    def load(self, namespace: str, adapter_id: str) -> tuple[PeftAdapter, AdapterInfo, Fingerprint]:
         """Read an adapter, verifying its content against the sha256 recorded when it was stored."""
         key = self.key(namespace, adapter_id)
         with s3_faults(adapter_id, "read", self.url(key)):

@@ -196,6 +196,9 @@ class ModelCard(BaseModel):
     # vLLM's field: the tokens of context a request has (prompt and new tokens together); for an adapter,
     # max_total_tokens less its virtual tokens.
     max_model_len: int | None = None
+    # prefixserve's: an adapter's kind (prefix-tuning, cartridge, prompt-tuning, p-tuning) and virtual tokens.
+    method: str | None = None
+    num_virtual_tokens: int | None = None
 
 
 class ModelList(BaseModel):

@@ -11,7 +11,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from prefixserve.adapters.errors import AdapterTooLargeError
-from prefixserve.adapters.format import PrefixAdapter, read_upload
+from prefixserve.adapters.format import PeftAdapter, method_of, read_upload
 from prefixserve.adapters.ids import ADAPTER_ID_PATTERN, validate_adapter_id
 from prefixserve.adapters.store import AdapterInfo
 from prefixserve.api.errors import APIError
@@ -27,6 +27,7 @@ AdapterIdPath = Annotated[str, Path(json_schema_extra={"pattern": f"^{ADAPTER_ID
 class AdapterSummary(BaseModel):
     id: str
     peft_type: str
+    method: str = Field(description="prefix-tuning, cartridge, prompt-tuning or p-tuning")
     num_virtual_tokens: int
     sha256: str
     size_bytes: int
@@ -59,6 +60,7 @@ def _summary(info: AdapterInfo, loaded: bool) -> AdapterSummary:
     return AdapterSummary(
         id=info.adapter_id,
         peft_type=info.peft_type,
+        method=method_of(info.peft_type),
         num_virtual_tokens=info.num_virtual_tokens,
         sha256=info.sha256,
         size_bytes=info.size_bytes,
@@ -94,7 +96,7 @@ _UPLOAD_BODY = {
 }
 
 
-async def _adapter_from_request(request: Request) -> PrefixAdapter:
+async def _adapter_from_request(request: Request) -> PeftAdapter:
     """Multipart `files` (the PEFT pair, or one archive), or JSON `{"from_text": ...}`."""
     state = request.app.state.server
     max_bytes = int(state.settings.max_adapter_mb * 2**20)
@@ -136,6 +138,7 @@ async def _store(request: Request, adapter_id: str, response: Response) -> Adapt
     response.status_code = 201 if created else 200
     return AdapterCreated(
         id=adapter_id,
+        method=method_of(info.peft_type),
         num_virtual_tokens=info.num_virtual_tokens,
         sha256=info.sha256,
         size_bytes=info.size_bytes,

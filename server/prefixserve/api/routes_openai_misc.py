@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from prefixserve.adapters.errors import AdapterNotFoundError
+from prefixserve.adapters.format import method_of
 from prefixserve.api.errors import APIError
 from prefixserve.api.generation import adapter_ref
 from prefixserve.api.openai_params import refuse
@@ -42,6 +43,8 @@ def _adapter_card(state, tenant: str, info) -> ModelCard:
         root=info.adapter_id,
         parent=state.model_name,
         max_model_len=state.max_model_len - info.num_virtual_tokens,
+        method=method_of(info.peft_type),
+        num_virtual_tokens=info.num_virtual_tokens,
     )
 
 

@@ -198,6 +198,7 @@ class StreamResponse(BaseModel):
 
 class AdapterCreated(BaseModel):
     id: str
+    method: str  # prefix-tuning, cartridge, prompt-tuning or p-tuning
     num_virtual_tokens: int
     sha256: str
     size_bytes: int

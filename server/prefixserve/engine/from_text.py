@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from prefixserve.adapters.format import PrefixAdapter, kv_to_embeddings
+from prefixserve.adapters.format import PeftAdapter, kv_to_embeddings
 from prefixserve.engine.errors import RequestValidationError
-from prefixserve.engine.hf_cache import cache_kwargs, prefilled_cache
+from prefixserve.engine.hf_cache import base_model_kv
 from prefixserve.engine.model_loader import LoadedModel
 
 
@@ -31,7 +31,7 @@ def text_token_ids(loaded: LoadedModel, text: str, chat_template: bool) -> list[
 @torch.inference_mode()
 def adapter_from_text(
     loaded: LoadedModel, text: str, chat_template: bool, max_virtual_tokens: int, model_name: str
-) -> PrefixAdapter:
+) -> PeftAdapter:
     if not text:
         raise RequestValidationError("from_text must not be empty")
     ids = text_token_ids(loaded, text, chat_template)
@@ -40,16 +40,7 @@ def adapter_from_text(
             f"from_text is {len(ids)} tokens, above this server's limit of {max_virtual_tokens} virtual tokens "
             "(--max-virtual-tokens); shorten the text"
         )
-    cache = prefilled_cache(loaded.model.config)
-    input_ids = torch.tensor([ids], device=loaded.device)
-    loaded.model(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        use_cache=True,
-        **cache_kwargs(loaded.model, cache),
-    )
-    layers = [(layer.keys[0], layer.values[0]) for layer in cache.layers]  # each [heads, T, head_dim]
-    kv = torch.stack([torch.stack(pair) for pair in layers])  # [layers, 2, heads, T, head_dim]
+    kv = base_model_kv(loaded.model, input_ids=torch.tensor([ids], device=loaded.device))
     shape = loaded.kv_shape
     config = {
         "peft_type": "PREFIX_TUNING",
@@ -64,4 +55,4 @@ def adapter_from_text(
         "inference_mode": True,
         "base_model_name_or_path": model_name,
     }
-    return PrefixAdapter(config=config, embeddings=kv_to_embeddings(kv.float().cpu()))
+    return PeftAdapter(config=config, embeddings=kv_to_embeddings(kv.float().cpu()))

@@ -32,3 +32,19 @@ def prefilled_cache(config: PretrainedConfig, kv: torch.Tensor | None = None) ->
         for layer in range(kv.shape[0]):
             cache.update(kv[layer, 0][None], kv[layer, 1][None], layer)
     return cache
+
+
+@torch.inference_mode()
+def base_model_kv(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """The keys/values the base model computes for one row (`input_ids` or `inputs_embeds`, batch 1) at
+    positions 0..T-1: [layers, 2, kv_heads, T, head_dim], keys after their rotary embedding, in model dtype."""
+    first = next(iter(inputs.values()))
+    cache = prefilled_cache(model.config)
+    model(
+        **inputs,
+        attention_mask=torch.ones(first.shape[:2], dtype=torch.long, device=first.device),
+        use_cache=True,
+        logits_to_keep=1,
+        **cache_kwargs(model, cache),
+    )
+    return torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers])

@@ -72,7 +72,12 @@ def kv_shape_of(config: PretrainedConfig) -> KVShape:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return KVShape(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+    return KVShape(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=config.hidden_size,
+    )
 
 
 def check_servable(config: PretrainedConfig, max_total_tokens: int) -> int:
@@ -134,7 +139,7 @@ def load_model(model: str, device: str, dtype: str, max_total_tokens: int) -> Lo
             "so its keys/values cannot be kept in prefixserve's paged KV cache"
         )
     hf_model.requires_grad_(False).eval().to(dev)
-    if packing_available(dev):
+    if packing_available(dev, torch_dtype):
         log.info("oneDNN prepacked weights for %d linear layers", pack_linears(hf_model))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

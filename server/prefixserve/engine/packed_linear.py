@@ -12,6 +12,7 @@ works for every architecture transformers loads (`nn.Linear`, and GPT-2's `Conv1
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -25,12 +26,26 @@ log = logging.getLogger(__name__)
 _PACKING_BATCH_HINT = 16  # oneDNN picks its blocking for this batch size; measured fine from 1 to 512 rows
 
 
-def packing_available(device: torch.device) -> bool:
+def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     return (
         device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _packs(dtype)
     )
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    """oneDNN packs bf16 weights only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere it raises
+    at the first reorder. One tiny reorder answers it, before any of the model's weights are touched."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), _PACKING_BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=dtype), packed, None, "none", [], "")
+    except RuntimeError as exc:
+        log.info("oneDNN cannot pack %s weights on this CPU (%s): linear layers run unpacked", dtype, exc)
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):

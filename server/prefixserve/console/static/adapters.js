@@ -48,7 +48,7 @@ export async function refreshAdapters() {
 function emptyRow() {
   const tr = document.createElement("tr");
   const td = cell("No adapters yet: upload one below, or make one from a text.");
-  td.colSpan = 5;
+  td.colSpan = 6;
   tr.append(td);
   return tr;
 }
@@ -57,7 +57,7 @@ function row(adapter) {
   const tr = document.createElement("tr");
   tr.dataset.id = adapter.id;
   const updated = new Date(adapter.updated_at * 1000).toLocaleString();
-  tr.append(cell(adapter.id), cell(adapter.num_virtual_tokens), cell(`${(adapter.size_bytes / 1024).toFixed(1)} KB`));
+  tr.append(cell(adapter.id), cell(adapter.method), cell(adapter.num_virtual_tokens), cell(`${(adapter.size_bytes / 1024).toFixed(1)} KB`));
   tr.append(cell(updated));
   const actions = document.createElement("td");
   actions.append(
@@ -116,7 +116,7 @@ async function upload(event) {
   const form = new FormData();
   for (const file of chosenFiles) form.append("files", file, file.name);
   const created = await call("PUT", path(id), form);
-  say(`stored ${created.id}: ${created.num_virtual_tokens} virtual tokens, sha256 ${created.sha256.slice(0, 12)}…`);
+  say(`stored ${created.id}: ${created.num_virtual_tokens} virtual tokens (${created.method}), sha256 ${created.sha256.slice(0, 12)}…`);
   chosenFiles = [];
   $("#upload-id").value = "";
   $("#upload-files").value = "";
