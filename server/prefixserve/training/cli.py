@@ -13,7 +13,18 @@ from pathlib import Path
 
 import typer
 
-from prefixserve.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_MIN_STEPS
+from prefixserve.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATES, DEFAULT_MIN_STEPS
+
+
+class Method(str, Enum):
+    prefix = "prefix"
+    prompt_tuning = "prompt-tuning"
+    p_tuning = "p-tuning"
+
+
+class PromptEncoder(str, Enum):
+    mlp = "mlp"
+    lstm = "lstm"
 
 
 class DType(str, Enum):
@@ -31,6 +42,14 @@ def train_command(
         ..., help="Training data: .jsonl/.json/.csv/.tsv/.parquet/.txt with `text` or `prompt`+`completion`."
     ),
     output: Path = typer.Option(..., help="Directory to write the adapter to (PEFT format, safetensors)."),
+    method: Method = typer.Option(
+        Method.prefix,
+        help="prefix: keys/values for every layer (PEFT's prefix tuning); prompt-tuning: input embeddings of the "
+        "virtual tokens; p-tuning: the same, made by a trained encoder (--prompt-encoder). See docs/training.md.",
+    ),
+    prompt_encoder: PromptEncoder = typer.Option(
+        PromptEncoder.mlp, help="With --method p-tuning: the encoder that produces the virtual tokens."
+    ),
     eval_file: str | None = typer.Option(
         None, help="Held-out data file; its loss is reported before and after."
     ),
@@ -46,17 +65,24 @@ def train_command(
         help="Train the prefix through an MLP, which learns faster and steadier (default on; off with --init text).",
     ),
     encoder_hidden_size: int | None = typer.Option(
-        None, min=1, help="Hidden size of the projection MLP (default: the model's hidden size)."
+        None,
+        min=1,
+        help="Hidden size of the projection MLP, or of P-tuning's encoder (default: the model's hidden size).",
     ),
     init: str = typer.Option(
         "random",
-        help='Prefix init: random, zero (PEFT init_weights="zero"), or text:"..." (the base model\'s keys/values for that text).',
+        help='Init: random, zero (prefix only: PEFT init_weights="zero"), or text:"..." (prefix: the base model\'s '
+        "keys/values for that text; prompt-tuning: the text's token embeddings).",
     ),
     init_chat_template: bool = typer.Option(
         False, help="With --init text: wrap the text as a system message in the model's chat template."
     ),
-    learning_rate: float = typer.Option(
-        DEFAULT_LEARNING_RATE, min=0.0, help="Peak learning rate (linear decay); see docs/training.md."
+    learning_rate: float | None = typer.Option(
+        None,
+        min=0.0,
+        help="Peak learning rate (linear decay). Default: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LEARNING_RATES.items())
+        + "; see docs/training.md.",
     ),
     epochs: float | None = typer.Option(
         None,
@@ -85,7 +111,8 @@ def train_command(
     adapter_id: str | None = typer.Option(None, help="Adapter id for --upload."),
     api_key: str | None = typer.Option(None, envvar="PREFIXSERVE_API_KEY", help="Bearer token for --upload."),
 ) -> None:
-    """Train a prefix-tuning adapter (PEFT format) on a frozen base model; optionally upload it to a server."""
+    """Train a prefix-tuning (or prompt-tuning, P-tuning) adapter in PEFT's format on a frozen base model;
+    optionally upload it to a server."""
     from prefixserve.training.errors import TrainingError
 
     if not logging.getLogger().handlers:  # the `prefixserve` script does not configure logging; show ours
@@ -108,6 +135,8 @@ def train_command(
             model,
             data,
             output,
+            method=method.value,
+            prompt_encoder=prompt_encoder.value,
             eval_file=eval_file,
             eval_fraction=eval_fraction,
             num_virtual_tokens=num_virtual_tokens,

@@ -46,14 +46,14 @@ def explain_error(exc: BaseException, opts: TrainOptions, dtype: torch.dtype) ->
 
 def flat_loss_hint(before: float, after: float, opts: TrainOptions, steps: int) -> str:
     head = f"the training loss barely moved ({before:.4f} -> {after:.4f}, less than 1% in {steps} steps): "
-    lr = opts.learning_rate
-    if not opts.projection and lr < 1e-3:
+    lr = opts.lr
+    if opts.method == "prefix" and not opts.projection and lr < 1e-3:
         return head + (
             f"without --prefix-projection the prefix itself is trained and moves slowly at --learning-rate {lr:g}; "
             "use --prefix-projection, or a learning rate around 1e-2"
         )
     if lr < 1e-4:
-        return head + f"--learning-rate {lr:g} is very low; try 1e-3 to 1e-2 (the default is 1e-2)"
+        return head + f"--learning-rate {lr:g} is very low; try 1e-3 to 1e-2 (the default is {opts.method}'s)"
     return head + "raise --learning-rate, train longer (--epochs / --max-steps), or check the data"
 
 

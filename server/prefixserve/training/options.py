@@ -8,15 +8,23 @@ from pathlib import Path
 
 import torch
 
-from prefixserve.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_MIN_STEPS
+from prefixserve.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATES, DEFAULT_MIN_STEPS
 from prefixserve.training.errors import TrainingError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_VIRTUAL_TOKENS = 20
 
 
+METHODS = ("prefix", "prompt-tuning", "p-tuning")
+PROMPT_ENCODERS = ("mlp", "lstm")
+
+
 @dataclass(frozen=True)
 class TrainOptions:
+    # prefix: keys/values per layer (PEFT's PrefixTuningConfig); prompt-tuning: input embeddings of virtual
+    # tokens (PromptTuningConfig); p-tuning: the same, produced by a trained encoder (PromptEncoderConfig).
+    method: str = "prefix"
+    prompt_encoder: str = "mlp"  # p-tuning's encoder: mlp | lstm
     eval_file: str | Path | None = None  # held-out data; or hold out `eval_fraction` of the data
     eval_fraction: float = 0.0
     num_virtual_tokens: int | None = None  # None: 20, or with text init the text's length in tokens
@@ -28,7 +36,7 @@ class TrainOptions:
     init_chat_template: bool = (
         False  # text init: wrap the text as a system message (PEFT's use_chat_template)
     )
-    learning_rate: float = DEFAULT_LEARNING_RATE
+    learning_rate: float | None = None  # None: the method's default (DEFAULT_LEARNING_RATES)
     epochs: float | None = None  # None: DEFAULT_EPOCHS, and at least DEFAULT_MIN_STEPS steps
     max_steps: int | None = None  # overrides epochs
     batch_size: int = 8
@@ -50,10 +58,21 @@ class TrainOptions:
 
     @property
     def projection(self) -> bool:
+        """Prefix tuning through PEFT's projection MLP."""
+        if self.method != "prefix":
+            return False
         return self.init_mode != "text" if self.prefix_projection is None else self.prefix_projection
+
+    @property
+    def lr(self) -> float:
+        return DEFAULT_LEARNING_RATES[self.method] if self.learning_rate is None else self.learning_rate
 
     def check(self) -> None:
         """Raise TrainingError for option combinations that cannot work."""
+        if self.method not in METHODS:
+            raise TrainingError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "prefix":
+            self._check_prompt_method()
         if self.init_mode == "text" and self.projection:
             raise TrainingError(
                 "--init text:... cannot be used with --prefix-projection: PEFT's initialize_kv_prefix_from_text "
@@ -61,7 +80,7 @@ class TrainOptions:
                 "MLP. Use --no-prefix-projection (the default with text init; a learning rate around 1e-2 suits "
                 "it), or --init zero / random"
             )
-        if self.encoder_hidden_size is not None and not self.projection:
+        if self.method == "prefix" and self.encoder_hidden_size is not None and not self.projection:
             raise TrainingError(
                 "--encoder-hidden-size sizes the projection MLP and has no effect with --no-prefix-projection; "
                 "drop it, or use --prefix-projection"
@@ -77,7 +96,7 @@ class TrainOptions:
             raise TrainingError("give either --eval-file or --eval-fraction, not both")
         if not 0 <= self.eval_fraction < 1:
             raise TrainingError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.learning_rate <= 0:
+        if self.lr <= 0:
             raise TrainingError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if min(self.batch_size, self.gradient_accumulation_steps) < 1 or self.max_length < 2:
             raise TrainingError(
@@ -85,6 +104,38 @@ class TrainOptions:
             )
         if self.max_steps is None and self.epochs is not None and self.epochs <= 0:
             raise TrainingError("--epochs must be > 0 (or give --max-steps)")
+
+    def _check_prompt_method(self) -> None:
+        method = f"--method {self.method}"
+        if self.prefix_projection is not None:
+            raise TrainingError(
+                f"--prefix-projection is prefix tuning's; {method} trains input embeddings. Drop it"
+                + (" (--prompt-encoder chooses P-tuning's encoder)" if self.method == "p-tuning" else "")
+            )
+        if self.init_mode == "zero":
+            raise TrainingError(
+                f"--init zero is prefix tuning's; {method} starts from random embeddings"
+                + (' or, with --init text:"...", from a text\'s' if self.method == "prompt-tuning" else "")
+            )
+        if self.init_mode == "text" and self.method == "p-tuning":
+            raise TrainingError(
+                '--init text:"..." initializes prompt tuning and prefix tuning; P-tuning\'s encoder starts '
+                "random. Use --method prompt-tuning for a text init"
+            )
+        if self.init_chat_template:
+            raise TrainingError(
+                f"--init-chat-template is prefix tuning's (PEFT's initialize_kv_prefix_from_text); {method} "
+                "takes the text's tokens as they are"
+            )
+        if self.encoder_hidden_size is not None and self.method != "p-tuning":
+            raise TrainingError(
+                "--encoder-hidden-size sizes P-tuning's encoder or prefix tuning's projection MLP; "
+                "prompt tuning has neither. Drop it"
+            )
+        if self.prompt_encoder not in PROMPT_ENCODERS:
+            raise TrainingError(
+                f"--prompt-encoder must be {' or '.join(PROMPT_ENCODERS)}, got {self.prompt_encoder!r}"
+            )
 
     def planned_steps(self, num_examples: int) -> int:
         """Optimizer steps of the run: --max-steps, else --epochs, else the default length."""

@@ -1,4 +1,5 @@
-"""`train_adapter`: train a PEFT prefix-tuning adapter on a frozen base model with transformers' Trainer.
+"""`train_adapter`: train a PEFT prompt-learning adapter (prefix tuning by default; prompt tuning, P-tuning) on
+a frozen base model with transformers' Trainer.
 
 The output directory is what PEFT's `save_pretrained` writes (safetensors), so `PeftModel.from_pretrained`
 and prefixserve both load it; it is checked against prefixserve's reader before this returns.
@@ -93,14 +94,16 @@ def train_adapter(
     text_config = base.config.get_text_config()
     try:
         with _peft_passes_past_key_values():  # PEFT's from-text init runs its forward too
-            peft_model = _prefix_model(base, tokenizer, opts)
+            peft_model = _peft_model(base, tokenizer, opts, path)
     except (RuntimeError, MemoryError) as exc:
         raise explain_error(exc, opts, dtype) from exc
     num_virtual_tokens = peft_model.peft_config["default"].num_virtual_tokens
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info(
-        "training %d prefix parameters (T=%d, prefix_projection=%s) on %d rows (%d held out), %s on %s",
-        trainable, num_virtual_tokens, opts.projection, len(train), len(held_out), dtype, dev,
+        "training %d %s parameters (T=%d%s) on %d rows (%d held out), %s on %s",
+        trainable, opts.method, num_virtual_tokens,
+        f", prefix_projection={opts.projection}" if opts.method == "prefix" else "",
+        len(train), len(held_out), dtype, dev,
     )  # fmt: skip
 
     sample = random.Random(opts.seed).sample(train, min(LOSS_SAMPLE, len(train)))
@@ -119,7 +122,7 @@ def train_adapter(
     )
     if not math.isfinite(after):
         raise TrainingError(
-            f"the loss became {after}: lower --learning-rate (now {opts.learning_rate:g}), or use --dtype float32"
+            f"the loss became {after}: lower --learning-rate (now {opts.lr:g}), or use --dtype float32"
         )
     if after > before * 0.99:  # less than 1% better: the usual walls are projection off or a tiny lr
         result.warnings.append(flat_loss_hint(before, after, opts, steps))
@@ -131,28 +134,44 @@ def train_adapter(
     return result
 
 
-def _prefix_model(base: Any, tokenizer: PreTrainedTokenizerBase, opts: TrainOptions) -> Any:
-    """The PEFT model: a prefix encoder, initialized as asked, in front of the frozen base model."""
-    from peft import PrefixTuningConfig, TaskType, get_peft_model
+def _peft_model(base: Any, tokenizer: PreTrainedTokenizerBase, opts: TrainOptions, path: str) -> Any:
+    """The PEFT model: virtual tokens of the method asked for, initialized as asked, before the frozen base."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
     hidden = base.config.get_text_config().hidden_size
     num_virtual_tokens = opts.num_virtual_tokens
     if num_virtual_tokens is None and opts.init_mode == "text":
         num_virtual_tokens = len(_text_ids(tokenizer, opts.init_text, opts.init_chat_template))
-    if opts.projection:
-        check_encoder_size(opts.encoder_hidden_size or hidden, base)
-    config = PrefixTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=num_virtual_tokens or DEFAULT_VIRTUAL_TOKENS,
-        prefix_projection=opts.projection,
-        # PEFT's own default is the KV width, smaller than the hidden size on GQA models.
-        encoder_hidden_size=(opts.encoder_hidden_size or hidden) if opts.projection else None,
-        init_weights="zero" if opts.init_mode == "zero" else None,
-    )
+    common = {
+        "task_type": TaskType.CAUSAL_LM,
+        "num_virtual_tokens": num_virtual_tokens or DEFAULT_VIRTUAL_TOKENS,
+    }
+    if opts.method == "prompt-tuning":
+        text = {"prompt_tuning_init_text": opts.init_text, "tokenizer_name_or_path": path}
+        config: Any = PromptTuningConfig(
+            **common, prompt_tuning_init="TEXT" if opts.init_mode == "text" else "RANDOM",
+            **(text if opts.init_mode == "text" else {}),
+        )  # fmt: skip
+    elif opts.method == "p-tuning":
+        config = PromptEncoderConfig(
+            **common,
+            encoder_reparameterization_type=opts.prompt_encoder.upper(),
+            encoder_hidden_size=opts.encoder_hidden_size or hidden,
+        )
+    else:
+        if opts.projection:
+            check_encoder_size(opts.encoder_hidden_size or hidden, base)
+        config = PrefixTuningConfig(
+            **common,
+            prefix_projection=opts.projection,
+            # PEFT's own default is the KV width, smaller than the hidden size on GQA models.
+            encoder_hidden_size=(opts.encoder_hidden_size or hidden) if opts.projection else None,
+            init_weights="zero" if opts.init_mode == "zero" else None,
+        )
     with warnings.catch_warnings():  # PEFT 0.21 reads a property that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(base, config)  # freezes every base-model weight
-    if opts.init_mode == "text":
+    if opts.init_mode == "text" and opts.method == "prefix":
         _init_from_text(peft_model, tokenizer, opts, config.num_virtual_tokens)
     return peft_model
 
@@ -230,7 +249,7 @@ def _make_trainer(
     total_steps = opts.planned_steps(len(train))
     args = TrainingArguments(
         output_dir=scratch,  # Trainer needs one; nothing is checkpointed (save_strategy="no")
-        learning_rate=opts.learning_rate,
+        learning_rate=opts.lr,
         max_steps=total_steps,
         per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=opts.batch_size,
