@@ -4,7 +4,7 @@ Every request on its own adapter; the figure is the ratio of engine throughputs,
 Also the load time per kind (store -> registry): prompt kinds add one forward pass over their T virtual tokens.
 GPT-2 124M shape with random weights, as bench_engine.py builds it.
 
-    python bench/bench_prompt_learning.py [--threads 2] [--requests 16] [--prompt 32] [--new 32] [--virtual 20]
+    python -m bench.bench_prompt_learning [--threads 2] [--requests 16] [--prompt 32] [--new 32] [--virtual 20]
 """
 
 from __future__ import annotations

@@ -139,7 +139,8 @@ def test_console_in_a_browser(server, browser, tmp_path):
     )
     css(driver, "#upload").click()
     wait(driver, lambda d: table_ids(d) == ["pirate"])
-    assert css(driver, "#status").text.startswith("stored pirate: 20 virtual tokens")
+    assert css(driver, "#status").text.startswith("stored pirate: 20 virtual tokens (prefix-tuning)")
+    assert "prefix-tuning" in css(driver, "#adapter-table tbody tr[data-id='pirate']").text
 
     # Upload by dropping the files on the drop zone (a drop event carrying them); the id is typed.
     support = REPO / "adapters" / "support"

@@ -23,7 +23,7 @@ from prefixserve.adapters.store_s3 import HEADER_PROBE_BYTES, S3Store
 from prefixserve.config import Settings
 from tests.s3_server import S3Server
 from tests.server_process import free_port
-from tests.test_adapter_format import LIMIT, peft_files
+from tests.test_adapter_format import LIMIT, peft_files, prompt_files
 from tests.test_cli_startup import run_cli
 from tests.test_store_registry import adapter
 
@@ -115,6 +115,21 @@ def test_info_reads_the_header_only_even_a_long_one(aws_env, location):
     info = store.info("default", "long")
     assert info.config["base_model_name_or_path"] == "m" * (2 * HEADER_PROBE_BYTES)
     assert calls == {"GetObject": 2} and "IfMatch" in gets[1]
+
+
+def test_prompt_learning_adapters_round_trip_through_the_bucket(aws_env, location):
+    store, replica = S3Store(location), S3Store(location)
+    for adapter_id, files in {
+        "prompt": prompt_files(t=4),
+        "ptuning": prompt_files(t=6, peft_type="P_TUNING", encoder_reparameterization_type="LSTM"),
+    }.items():
+        sent = read_upload(list(files.items()), LIMIT)
+        store.put("default", adapter_id, sent)
+        loaded, info, _ = replica.load("default", adapter_id)
+        assert loaded.method == sent.method and loaded.config == sent.config
+        assert torch.equal(loaded.embeddings, sent.embeddings) and info.peft_type == sent.peft_type
+    listed = {i.adapter_id: i.peft_type for i in replica.list("default")}
+    assert (listed["prompt"], listed["ptuning"]) == ("PROMPT_TUNING", "P_TUNING")
 
 
 def test_a_body_damaged_on_the_way_is_refused_and_the_old_version_stays(aws_env, location):

@@ -10,7 +10,7 @@ class AdapterError(Exception):
 
 
 class InvalidAdapterError(AdapterError):
-    """The upload is not a PEFT prefix-tuning adapter this server can read."""
+    """The upload is not a PEFT adapter this server can read."""
 
     error_type = "invalid_adapter"
 

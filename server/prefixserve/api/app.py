@@ -183,7 +183,7 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
         static_url=DOCS_STATIC_PATH,
         title="prefixserve",
         version=__version__,
-        description="Serve PEFT prefix-tuning adapters on one frozen base model, batched across adapters. "
+        description="Serve PEFT prompt-learning adapters (prefix tuning, prompt tuning, P-tuning) on one frozen base model, batched across adapters. "
         "Authenticate with `Authorization: Bearer <key>` when the server has API keys.",
         lifespan=lifespan,
     )

@@ -1,4 +1,4 @@
-"""Training PEFT prefix-tuning adapters: `prefixserve train` and its library form `train_adapter`.
+"""Training PEFT prompt-learning adapters (prefix tuning, prompt tuning, P-tuning): `prefixserve train` and its library form `train_adapter`.
 
 Names load lazily, so importing `prefixserve.training.cli` (typer only) does not import torch.
 """
