@@ -10,6 +10,7 @@ from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import load_model
+from prefixserve.engine.prefix_cache import CacheScope
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
 from prefixserve.engine.virtual_tokens import virtual_token_materializer
 
@@ -49,6 +50,8 @@ def make_engine(
     kv_cache_mb: float = 64.0,
     block_size: int = 16,
     dtype: str = "float32",
+    prefix_caching: bool = True,
+    cache_scope: CacheScope = CacheScope.TENANT,
 ) -> LLMEngine:
     loaded = load_model(str(model_dir), "cpu", dtype, max_total_tokens)
     registry = AdapterRegistry(
@@ -72,7 +75,7 @@ def make_engine(
         kv_cache_mb=kv_cache_mb,
         block_size=block_size,
     )
-    return LLMEngine(loaded, registry, limits)
+    return LLMEngine(loaded, registry, limits, prefix_caching=prefix_caching, cache_scope=cache_scope)
 
 
 def submit(
@@ -82,6 +85,20 @@ def submit(
     ids = engine.loaded.tokenizer.encode(prompt)
     ref = (NAMESPACE, tuple(adapter.split("+"))) if adapter else None
     sink.seq = engine.submit(ids, ref, SamplingParams(**params), sink, tenant)
+    return sink
+
+
+def submit_ids(
+    engine: LLMEngine,
+    ids: list[int],
+    adapter: str | None,
+    tenant: str | None = None,
+    cache_salt: str | None = None,
+    **params,
+) -> Collector:
+    sink = Collector()
+    ref = (NAMESPACE, tuple(adapter.split("+"))) if adapter else None
+    sink.seq = engine.submit(ids, ref, SamplingParams(**params), sink, tenant, cache_salt)
     return sink
 
 

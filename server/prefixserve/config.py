@@ -25,6 +25,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_prefill_tokens",
         "max_request_mb",
     ),
+    "prefix cache": ("prefix_caching", "prefix_cache_scope"),
     "adapters": (
         "adapter_dir",
         "adapter_cache_mb",
@@ -85,6 +86,16 @@ class Settings(BaseSettings):
         "Default: 1024 on cpu; on cuda, 90% of the memory free after loading the model.",
     )
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
+    prefix_caching: bool = Field(
+        True,
+        description="Keep the keys/values of prompts' full blocks in the KV pool after a request ends, so that "
+        "requests repeating a prompt's beginning (system prompts, chat history) skip it; --no-prefix-caching: off.",
+    )
+    prefix_cache_scope: Literal["tenant", "global"] = Field(
+        "tenant",
+        description="Who shares cached blocks: tenant = only requests of one tenant (a hit is a timing signal); "
+        "global = base-model blocks across tenants too (adapters belong to one tenant either way).",
+    )
     max_queue_size: int = Field(
         256, ge=0, description="Most requests waiting beyond the free batch rows; more get 429."
     )

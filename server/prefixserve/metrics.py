@@ -57,3 +57,18 @@ KV_CACHE_USAGE = Gauge("prefixserve_kv_cache_usage_ratio", "Fraction of the KV b
 PREEMPTIONS = Counter(
     "prefixserve_preemptions", "Rows pushed out of a full KV pool, to be recomputed when blocks free up"
 )
+
+# The prompt cache, in tokens, under vLLM v1's names (so its dashboards work) and prefixserve's own; the hit
+# rate is rate(hits) / rate(queries).
+VLLM_PREFIX_CACHE_QUERIES = Counter(
+    "vllm:prefix_cache_queries", "Prompt tokens of admitted requests looked up in the prefix cache"
+)
+VLLM_PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache")
+PREFIX_CACHE_QUERIES = Counter(
+    "prefixserve_prefix_cache_queries_tokens",
+    "Prompt tokens of admitted requests looked up in the prefix cache",
+)
+PREFIX_CACHE_HITS = Counter(
+    "prefixserve_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache (not computed again)"
+)
+PREFIX_CACHE_BLOCKS = Gauge("prefixserve_prefix_cache_blocks", "KV blocks registered in the prefix cache")

@@ -13,6 +13,7 @@ from prefixserve.adapters.store import AdapterStore, open_store
 from prefixserve.config import Settings
 from prefixserve.engine.engine import EngineLimits, LLMEngine
 from prefixserve.engine.model_loader import LoadedModel, load_model
+from prefixserve.engine.prefix_cache import CacheScope
 from prefixserve.engine.self_check import check_prefix_serving
 from prefixserve.engine.virtual_tokens import virtual_token_materializer
 
@@ -76,4 +77,11 @@ def build_runtime(settings: Settings) -> Runtime:
         kv_cache_mb=settings.kv_cache_mb or default_kv_cache_mb(loaded.device),
         block_size=settings.block_size,
     )
-    return Runtime(settings, loaded, store, registry, LLMEngine(loaded, registry, limits))
+    engine = LLMEngine(
+        loaded,
+        registry,
+        limits,
+        prefix_caching=settings.prefix_caching,
+        cache_scope=CacheScope(settings.prefix_cache_scope),
+    )
+    return Runtime(settings, loaded, store, registry, engine)

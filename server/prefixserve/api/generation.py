@@ -54,7 +54,11 @@ def adapter_ref(
 
 
 async def start(
-    request: Request, prompt_ids: list[int], adapter_spec: str | None, params: SamplingParams
+    request: Request,
+    prompt_ids: list[int],
+    adapter_spec: str | None,
+    params: SamplingParams,
+    cache_salt: str | None = None,
 ) -> RequestStream:
     """Queue one generation for the calling tenant; its tenant slot is freed when it ends, however it ends."""
     state = request.app.state.server
@@ -77,7 +81,7 @@ async def start(
             state.limiter.release(tenant)
 
     try:
-        stream = await submit(state.engine, prompt_ids, adapter, params, release, tenant)
+        stream = await submit(state.engine, prompt_ids, adapter, params, release, tenant, cache_salt)
     except BaseException:
         release()
         raise

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefixserve.api.schemas import StopText, Text
+from prefixserve.engine.prefix_cache import MAX_CACHE_SALT_CHARS
 from prefixserve.engine.sequence import (
     MAX_LOGPROBS,
     MAX_STOP_CHARS,
@@ -84,6 +85,12 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = Field(True, description="Extension (as vLLM).")
     guided_json: dict[str, Any] | str | None = Field(None, description="Extension (as vLLM): a JSON schema.")
     guided_regex: str | None = Field(None, description="Extension (as vLLM): a regular expression.")
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CACHE_SALT_CHARS,
+        description="Extension (as vLLM): requests share cached prompt blocks only with requests of the same tenant and the same salt.",
+    )
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -122,10 +129,15 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose keys/values came from the prefix cache.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

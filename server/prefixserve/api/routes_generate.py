@@ -73,7 +73,7 @@ async def _start(body: GenerateRequest, request: Request, x_adapter_id: str | No
             f"({body.parameters.adapter_id!r}) name different adapters; send the same id in both, or only one",
             "validation",
         )
-    return await start(request, ids, adapter, sampling_params(body.parameters))
+    return await start(request, ids, adapter, sampling_params(body.parameters), body.parameters.cache_salt)
 
 
 def _token(event: TokenEvent, p: GenerateParameters) -> Token:

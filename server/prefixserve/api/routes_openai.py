@@ -32,6 +32,7 @@ from prefixserve.api.openai_schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    PromptTokensDetails,
     Usage,
 )
 from prefixserve.api.schemas import check_text
@@ -45,7 +46,12 @@ _FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason
 
 
 async def _start_all(
-    request: Request, prompts: list[list[int]], model: str, params: SamplingParams, n: int
+    request: Request,
+    prompts: list[list[int]],
+    model: str,
+    params: SamplingParams,
+    n: int,
+    cache_salt: str | None = None,
 ) -> list[RequestStream]:
     """One engine request per prompt and choice; each counts against the tenant's concurrency limit."""
     limit = request.app.state.server.limiter.limit
@@ -60,7 +66,7 @@ async def _start_all(
         for prompt_ids in prompts:
             for i in range(n):
                 seeded = replace(params, seed=params.seed + i) if params.seed is not None else params
-                streams.append(await start(request, prompt_ids, model, seeded))
+                streams.append(await start(request, prompt_ids, model, seeded, cache_salt))
     except BaseException as exc:
         for stream in streams:
             stream.cancel()
@@ -112,11 +118,17 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
-def _usage(prompts: list[list[int]], generated: int) -> Usage:
-    """Token counts; with several prompts or choices, `generated` counts them all."""
+def _usage(prompts: list[list[int]], generated: int, streams: list[RequestStream] = ()) -> Usage:
+    """Token counts; with several prompts or choices, `generated` counts them all. `cached_tokens`: the first
+    choice's of each prompt (`streams` holds n choices per prompt, in order)."""
     prompt_tokens = sum(len(p) for p in prompts)
+    n = len(streams) // len(prompts) if streams else 0
+    cached = sum((s.seq.num_cached_tokens or 0) for s in streams[::n] if s.seq is not None) if n else 0
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated
+        prompt_tokens=prompt_tokens,
+        completion_tokens=generated,
+        total_tokens=prompt_tokens + generated,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )
 
 
@@ -142,7 +154,7 @@ async def completions(body: CompletionRequest, request: Request):
     n_top = body.logprobs or 0
     scored = body.echo and (body.logprobs is not None or body.max_tokens == 0)
     params = sampling_params(body, body.max_tokens, n_top, n_top if scored else None)
-    streams = await _start_all(request, prompts, body.model, params, body.n)
+    streams = await _start_all(request, prompts, body.model, params, body.n, body.cache_salt)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     echoes = [_prompt_text(state, body.prompt, p, i) for i, p in enumerate(prompts)] if body.echo else None
     choice_prompt = [i // body.n for i in range(len(streams))]  # which prompt each choice continues
@@ -163,7 +175,7 @@ async def completions(body: CompletionRequest, request: Request):
                 index=i, text=echo + r.text, finish_reason=_finish(r.finish_reason), logprobs=logprobs
             )
         )
-    usage = _usage(prompts, sum(len(r.tokens) for r in results))
+    usage = _usage(prompts, sum(len(r.tokens) for r in results), streams)
     return Completion(id=rid, created=created, model=model, choices=choices, usage=usage)
 
 
@@ -230,7 +242,7 @@ async def _stream_completions(
             )
             yield chunk([choice], _usage([prompts[choice_prompt[index]]], generated) if continuous else None)
         if include_usage:
-            yield chunk([], _usage(prompts, generated))
+            yield chunk([], _usage(prompts, generated, streams))
         yield _sse("[DONE]")
     except APIError as exc:
         yield _sse(json.dumps({"error": {"message": exc.message, "type": exc.error_type}}))
@@ -259,7 +271,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     )  # None: the server's default, within the room left
     n_top = (body.top_logprobs or 0) if body.logprobs else 0
     params = sampling_params(body, max_new, n_top)
-    streams = await _start_all(request, [prompt], body.model, params, body.n)
+    streams = await _start_all(request, [prompt], body.model, params, body.n, body.cache_salt)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     if body.stream:
         return StreamingResponse(
@@ -275,7 +287,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
         for i, r in enumerate(results)
     ]
-    usage = _usage([prompt], sum(len(r.tokens) for r in results))
+    usage = _usage([prompt], sum(len(r.tokens) for r in results), streams)
     return ChatCompletion(id=rid, created=created, model=model, choices=choices, usage=usage)
 
 
@@ -345,7 +357,7 @@ async def _stream_chat(
                     running_usage(),
                 )
         if include_usage:
-            yield chunk([], _usage(prompts, generated))
+            yield chunk([], _usage(prompts, generated, streams))
         yield _sse("[DONE]")
     except APIError as exc:
         yield _sse(json.dumps({"error": {"message": exc.message, "type": exc.error_type}}))

@@ -1,6 +1,8 @@
-"""Operations: liveness, readiness, info, Prometheus metrics."""
+"""Operations: liveness, readiness, info, Prometheus metrics, resetting the prefix cache."""
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -8,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prefixserve import __version__
 from prefixserve.api.error_docs import ErrorBody
+from prefixserve.api.errors import APIError
 
 router = APIRouter(tags=["operations"])
 
@@ -45,6 +48,8 @@ def info(request: Request) -> dict[str, object]:
         "adapter_cache_mb": s.adapter_cache_mb,
         "kv_cache_blocks": state.engine.pool.num_blocks,
         "kv_block_size": state.engine.pool.block_size,
+        "prefix_caching": state.engine.prefix_caching,
+        "prefix_cache_scope": state.engine.cache_scope.value,
         "version": __version__,
         "router": "prefixserve",
     }
@@ -56,3 +61,17 @@ def prometheus_metrics() -> Response:
     `prefixserve_adapter_requests_info` are replaced by opaque per-process digests, so no tenant's adapter
     names leak."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post(
+    "/reset_prefix_cache",
+    responses={403: {"model": ErrorBody, "description": "With API keys: a key that is not an admin's"}},
+)
+async def reset_prefix_cache(request: Request) -> dict[str, object]:
+    """Forget every cached prompt block (vLLM's endpoint). Running requests keep theirs; later ones compute their
+    prompts again. With API keys configured, only an admin key may do it: the cache is every tenant's."""
+    state = request.app.state.server
+    if state.authenticator.keyring is not None and not request.state.principal.admin:
+        raise APIError(403, "resetting the prefix cache needs an admin API key", "forbidden")
+    count = await asyncio.wrap_future(state.engine.reset_prefix_cache())
+    return {"status": "reset", "cached_blocks": count}

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from prefixserve.engine.prefix_cache import MAX_CACHE_SALT_CHARS
 from prefixserve.engine.sequence import (
     MAX_LOGPROBS,
     MAX_STOP_CHARS,
@@ -72,6 +73,12 @@ class GenerateParameters(BaseModel):
         None, ge=-2, le=2, description="Subtracts penalty x count of each token in the output so far."
     )
     seed: int | None = Field(None, ge=0, lt=2**63)
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CACHE_SALT_CHARS,
+        description="Share cached prompt blocks only with requests of the same tenant and the same salt.",
+    )
     stop: list[StopText] = Field(
         default_factory=list,
         max_length=MAX_STOP_SEQUENCES,

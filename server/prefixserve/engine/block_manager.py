@@ -3,6 +3,12 @@
 A row's context is its adapter's prefix (T tokens, in blocks shared by every row on that adapter version)
 followed by its own tokens (in blocks of its own). A prefix stays resident while any row uses it; once
 unused it is kept, evictable, until its blocks are needed (LRU), so the next request on it costs no copy.
+
+The pool is also the prompt cache: a row's full blocks are registered under their hash chain
+(prefix_cache.py) once computed, and stay in the pool after the row ends. A new row whose tokens begin with
+the same chain takes those blocks (ref-counted, read-only: a row only ever writes past its last full cached
+block) and computes the rest. Unreferenced cached blocks are evicted LRU, a chain's last block first, only
+when blocks are needed: the cache has no budget of its own and never causes a preemption.
 Pure bookkeeping: no tensors. The scheduler is the only caller.
 """
 
@@ -28,6 +34,7 @@ class RowBlocks:
     slots: list[int] = field(default_factory=list)
     prefix_key: Hashable | None = None
     prefix_slots: list[int] = field(default_factory=list)
+    num_hashed: int = 0  # leading blocks already looked up in or offered to the cache
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -41,12 +48,25 @@ class BlockManager:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._prefixes: dict[Hashable, ResidentPrefix] = {}
         self._unused: OrderedDict[Hashable, None] = OrderedDict()  # resident, no row using it; LRU order
+        # The prompt cache: chain hash -> block and back; rows holding each shared block; cached blocks no
+        # row holds, oldest first (a chain is released last block first, so its leaf goes before its root).
+        self._cached: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._refs: dict[int, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
 
     # ----- capacity -------------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out now, counting those of unused prefixes (evicted on demand)."""
-        return len(self._free) + sum(len(self._prefixes[k].blocks) for k in self._unused)
+        return (
+            len(self._free) + len(self._evictable) + sum(len(self._prefixes[k].blocks) for k in self._unused)
+        )
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prompt cache, held by rows or not."""
+        return len(self._cached)
 
     @property
     def num_used(self) -> int:
@@ -64,10 +84,60 @@ class BlockManager:
     def _take(self, n: int) -> list[int] | None:
         if n > self.num_free:
             return None
-        while len(self._free) < n:  # evict the least recently used unused prefixes
+        while len(self._free) < n and self._evictable:  # cached blocks first: leaves of the adapters' chains
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+            self._free.append(block)
+        while len(self._free) < n:  # then the least recently used unused prefixes
             key, _ = self._unused.popitem(last=False)
             self._free.extend(self._prefixes.pop(key).blocks)
         return [self._free.pop() for _ in range(n)]
+
+    # ----- the prompt cache -----------------------------------------------------------------------------
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest leading run of `hashes` (a row's full blocks, in order)."""
+        blocks = []
+        for h in hashes:
+            block = self._cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def match_cost(self, blocks: list[int]) -> int:
+        """Free capacity that taking these cached blocks uses up: those no row holds count as free now."""
+        return sum(1 for b in blocks if b in self._evictable)
+
+    def take_cached(self, row: RowBlocks, blocks: list[int]) -> None:
+        """Start an empty `row` with these cached blocks (from `match`) as its first tokens."""
+        assert not row.blocks, "cached blocks go at the start of a row"
+        for block in blocks:
+            self._evictable.pop(block, None)
+            self._refs[block] = self._refs.get(block, 0) + 1
+        row.blocks.extend(blocks)
+        row.slots.extend(b * self.block_size + o for b in blocks for o in range(self.block_size))
+        row.num_hashed = len(blocks)
+
+    def offer(self, row: RowBlocks, hashes: list[bytes]) -> None:
+        """Register the row's full, computed blocks `hashes` covers (from `row.num_hashed` on). A block whose
+        hash is cached already (another row computed the same tokens) stays the row's own."""
+        for i in range(row.num_hashed, len(hashes)):
+            h, block = hashes[i], row.blocks[i]
+            if h not in self._cached and block not in self._hash_of:
+                self._cached[h], self._hash_of[block] = block, h
+                self._refs[block] = self._refs.get(block, 0) + 1
+        row.num_hashed = max(row.num_hashed, len(hashes))
+
+    def reset_cache(self) -> int:
+        """Forget every cached block (rows keep theirs, as their own); returns how many were registered."""
+        count = len(self._cached)
+        self._free.extend(self._evictable)
+        for block in self._evictable:
+            self._refs.pop(block, None)
+        self._evictable.clear()
+        self._cached.clear()
+        self._hash_of.clear()
+        return count
 
     # ----- prefixes -------------------------------------------------------------------------------------
     def acquire_prefix(self, row: RowBlocks, key: Hashable, num_tokens: int) -> list[int] | None:
@@ -110,8 +180,21 @@ class BlockManager:
         return True
 
     def free(self, row: RowBlocks) -> None:
-        """Give back a row's own blocks and its hold on its prefix (finished or preempted)."""
-        self._free.extend(reversed(row.blocks))
+        """Give back a row's blocks and its hold on its prefix (finished or preempted). Cached blocks stay in
+        the pool until evicted; the last of a row goes first, since nothing can reach it without the others."""
+        for block in reversed(row.blocks):
+            refs = self._refs.get(block)
+            if refs is None:
+                self._free.append(block)
+            elif refs > 1:
+                self._refs[block] = refs - 1
+            else:
+                del self._refs[block]
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:  # registered once, then forgotten by a reset
+                    self._free.append(block)
         row.blocks.clear()
         row.slots.clear()
+        row.num_hashed = 0
         self._release_prefix(row)

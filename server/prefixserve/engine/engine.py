@@ -10,6 +10,7 @@ import logging
 import secrets
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +23,7 @@ from prefixserve.engine.errors import EngineStoppedError, RequestValidationError
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_loader import LoadedModel
 from prefixserve.engine.model_runner import ModelRunner, StepLogits
+from prefixserve.engine.prefix_cache import MAX_CACHE_SALT_CHARS, CacheScope, cache_root
 from prefixserve.engine.sampling import TopLogprobs, make_generator, prompt_logprobs, sample
 from prefixserve.engine.scheduler import Scheduler, TokenUpdate
 from prefixserve.engine.sequence import (
@@ -59,10 +61,21 @@ class EngineLimits:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, registry: AdapterRegistry, limits: EngineLimits) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        registry: AdapterRegistry,
+        limits: EngineLimits,
+        prefix_caching: bool = True,
+        cache_scope: CacheScope = CacheScope.TENANT,
+    ) -> None:
         self.loaded = loaded
         self.registry = registry
         self.limits = limits
+        self.prefix_caching = prefix_caching
+        self.cache_scope = cache_scope
+        self._cache_resets: list[Future[int]] = []  # asked for from other threads, done on the engine's
+        self._looping = False
         self.max_length = loaded.max_length
         self.pool = KVPool.sized(
             loaded.kv_shape, limits.kv_cache_mb, limits.block_size, loaded.dtype, loaded.device
@@ -92,8 +105,10 @@ class LLMEngine:
         params: SamplingParams,
         sink: OutputSink,
         tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> Sequence:
-        """Validate and queue a request of `tenant` (default: the adapter's namespace). Raises
+        """Validate and queue a request of `tenant` (default: the adapter's namespace; the server derives it
+        from the API key). `cache_salt` narrows whose cached prompt blocks the request may share. Raises
         RequestValidationError, AdapterError or QueueFullError."""
         if self._stopping:
             raise EngineStoppedError("the server is shutting down; retry on another replica")
@@ -105,6 +120,13 @@ class LLMEngine:
             room = self.max_length - num_virtual - len(prompt_ids)
             params = replace(params, max_new_tokens=max(1, min(self.limits.default_max_new_tokens, room)))
         self._validate(prompt_ids, num_virtual, params)
+        if cache_salt is not None and not (
+            isinstance(cache_salt, str) and 0 < len(cache_salt) <= MAX_CACHE_SALT_CHARS
+        ):
+            raise RequestValidationError(
+                f"cache_salt must be a string of 1 to {MAX_CACHE_SALT_CHARS} characters (it narrows which "
+                "requests may share cached prompt blocks), or left out"
+            )
         if params.do_sample and params.seed is None:
             params = replace(params, seed=secrets.randbits(63))
         if tenant is None:
@@ -114,6 +136,8 @@ class LLMEngine:
             constraint = self.grammars.constraint(params.grammar.kind, params.grammar.value)
         seq = Sequence(prompt_ids=list(prompt_ids), params=params, prefix=prefix, sink=sink, tenant=tenant)
         seq.constraint = constraint
+        if self.prefix_caching:
+            seq.cache_root = cache_root(seq.prefix_key, tenant, cache_salt, self.cache_scope)
         if prefix is not None:
             seq.adapter_load_start, seq.adapter_load_end = load_start, load_end
         seq.text = OutputText(
@@ -233,9 +257,18 @@ class LLMEngine:
     # ----- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()  # the pool is written inside forward passes; every write must be in this mode
     def step(self) -> None:
+        self._reset_cache_if_asked()
         for seq in self.scheduler.take_cancelled():
             self._report_finish(seq)
         out = self.scheduler.schedule()
+        if out.cache_queries:
+            for counter, value in (
+                (metrics.VLLM_PREFIX_CACHE_QUERIES, out.cache_queries),
+                (metrics.PREFIX_CACHE_QUERIES, out.cache_queries),
+                (metrics.VLLM_PREFIX_CACHE_HITS, out.cache_hits),
+                (metrics.PREFIX_CACHE_HITS, out.cache_hits),
+            ):
+                counter.inc(value)
         metrics.QUEUE_SIZE.set(len(self.scheduler.waiting))
         self._update_pool_gauges()
         if out.preempted:
@@ -275,6 +308,29 @@ class LLMEngine:
         self._kv_cache_usage = blocks.num_used / blocks.num_blocks
         metrics.KV_CACHE_USAGE.set(self._kv_cache_usage)
         metrics.BATCH_SIZE.set(len(self.scheduler.running))
+        metrics.PREFIX_CACHE_BLOCKS.set(blocks.num_cached)
+
+    # ----- the prompt cache ---------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> Future[int]:
+        """Forget every cached prompt block (vLLM's /reset_prefix_cache); the future gives how many were
+        cached. Done on the engine thread, between steps: the block manager is that thread's alone."""
+        future: Future[int] = Future()
+        with self._wakeup:
+            if not self._looping:  # driven step by step (tests, benchmarks): no other thread to wait for
+                future.set_result(self.scheduler.blocks.reset_cache())
+                return future
+            self._cache_resets.append(future)
+            self._wakeup.notify()
+        return future
+
+    def _reset_cache_if_asked(self) -> None:
+        with self._wakeup:
+            resets, self._cache_resets = self._cache_resets, []
+        if resets:
+            count = self.scheduler.blocks.reset_cache()
+            self._update_pool_gauges()
+            for future in resets:
+                future.set_result(count)
 
     def _prompt_scores(self, logits: StepLogits) -> dict[int, tuple[int, list[PromptToken]]]:
         """Each scored prompt chunk as PromptTokens (the first prompt token, which nothing predicts, has none)."""
@@ -358,12 +414,18 @@ class LLMEngine:
     def run_loop(self) -> None:
         """Step until `stop_accepting()` was called and no work is left. The server calls this on the main
         thread: oneDNN's kernels measured ~70% slower called from any other thread (bench/RESULTS.md)."""
+        with self._wakeup:
+            self._looping = True
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self.scheduler.has_work() and not self._stopping:
+                    while not self.scheduler.has_work() and not self._stopping and not self._cache_resets:
                         self._wakeup.wait()
                     if self._stopping and not self.scheduler.has_work():
+                        self._looping = False
+                        for future in self._cache_resets:  # nobody left to do it: do it here
+                            future.set_result(self.scheduler.blocks.reset_cache())
+                        self._cache_resets = []
                         return
                 try:
                     self.step()

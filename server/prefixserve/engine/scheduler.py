@@ -28,6 +28,7 @@ from prefixserve.adapters.registry import LoadedPrefix
 from prefixserve.engine.block_manager import BlockManager, blocks_for
 from prefixserve.engine.errors import QueueFullError
 from prefixserve.engine.fair_queue import FairQueue
+from prefixserve.engine.prefix_cache import extend_chain
 from prefixserve.engine.sequence import FinishReason, PromptToken, Sequence, SequenceStatus
 
 
@@ -48,6 +49,8 @@ class SchedulerOutput:
     rows: list[ScheduledRow] = field(default_factory=list)
     prefix_fills: list[tuple[list[int], LoadedPrefix]] = field(default_factory=list)  # slots to write
     preempted: list[Sequence] = field(default_factory=list)
+    cache_queries: int = 0  # prompt tokens of admitted rows that looked in the prompt cache ...
+    cache_hits: int = 0  # ... and how many of them it held
 
     @property
     def sampling(self) -> list[Sequence]:
@@ -162,20 +165,25 @@ class Scheduler:
                 seq = self.waiting.peek()
                 if seq is None:
                     return
-                n = min(seq.num_uncomputed, budget)
+                cached = self._cached_blocks(seq)
+                n = min(seq.num_uncomputed - len(cached) * self.blocks.block_size, budget)
                 victims = []
-                if not self._fits(seq, n):
+                if not self._fits(seq, n, cached):
                     seq = self._starving()
                     if seq is None:
                         return
-                    n = min(seq.num_uncomputed, budget)
-                    while not self._fits(seq, n) and (victim := self._fair_share_victim(seq.tenant)):
+                    cached = self._cached_blocks(seq)
+                    uncomputed = seq.num_uncomputed - len(cached) * self.blocks.block_size
+                    n = min(uncomputed, budget)
+                    while not self._fits(seq, n, cached) and (victim := self._fair_share_victim(seq.tenant)):
                         self._release(victim)
                         victims.append(victim)
                         if (row := scheduled.pop(victim.seq_id, None)) is not None:
                             budget += row.num_tokens
-                            n = min(seq.num_uncomputed, budget)
-                fits = self._fits(seq, n)
+                        cached = self._cached_blocks(seq)  # the victim's blocks may be among them now
+                        uncomputed = seq.num_uncomputed - len(cached) * self.blocks.block_size
+                        n = min(uncomputed, budget)
+                fits = self._fits(seq, n, cached)
                 if fits:
                     self.waiting.pop(seq)
                 for victim in reversed(victims):  # queued after `seq` left: they go first next time
@@ -188,6 +196,13 @@ class Scheduler:
                 assert fill is not None, "checked against num_free above"
                 if fill:
                     out.prefix_fills.append((fill, seq.prefix))
+            if seq.cache_root is not None and seq.num_computed == 0:
+                self.blocks.take_cached(seq.blocks, cached)
+                seq.num_computed = len(cached) * self.blocks.block_size
+                out.cache_queries += len(seq.token_ids)
+                out.cache_hits += seq.num_computed
+                if seq.num_cached_tokens is None:
+                    seq.num_cached_tokens = min(seq.num_computed, len(seq.prompt_ids))
             grown = self.blocks.grow(seq.blocks, seq.num_computed + n)
             assert grown, "checked against num_free above"
             seq.status = SequenceStatus.RUNNING
@@ -195,12 +210,24 @@ class Scheduler:
             scheduled[seq.seq_id] = ScheduledRow(seq, n)
             budget -= n
 
-    def _fits(self, seq: Sequence, n: int) -> bool:
-        """Whether `seq` can start now with its first `n` tokens: a free row, and blocks for them (and for its
-        prefix, unless a running row holds it already)."""
-        cost = self.blocks.prefix_cost(seq.prefix_key, seq.num_virtual_tokens)
-        blocks = cost + blocks_for(seq.num_computed + n, self.blocks.block_size)
+    def _fits(self, seq: Sequence, n: int, cached: list[int]) -> bool:
+        """Whether `seq` can start now with its first `n` uncached tokens: a free row, and blocks for them (and
+        for its prefix, unless a running row holds it already; cached blocks no row holds count as free)."""
+        cost = self.blocks.prefix_cost(seq.prefix_key, seq.num_virtual_tokens) + self.blocks.match_cost(
+            cached
+        )
+        computed = seq.num_computed + len(cached) * self.blocks.block_size
+        blocks = cost + blocks_for(computed + n, self.blocks.block_size) - len(cached)
         return len(self.running) < self.max_rows and blocks <= self.blocks.num_free
+
+    def _cached_blocks(self, seq: Sequence) -> list[int]:
+        """The cached blocks a waiting row can start from: its leading full blocks, all but its last token (whose
+        logits it needs). None for rows that score their prompt: they need the logits of every token."""
+        if seq.cache_root is None or seq.num_computed or seq.wants_prompt_logprobs:
+            return []
+        extend_chain(seq.block_hashes, seq.cache_root, seq.token_ids, self.blocks.block_size)
+        usable = (len(seq.token_ids) - 1) // self.blocks.block_size
+        return self.blocks.match(seq.block_hashes[:usable])
 
     def _starving(self) -> Sequence | None:
         """The next request of the first tenant in turn that has no running row, if any."""
@@ -237,6 +264,7 @@ class Scheduler:
             seq.prompt_logprobs += entries[len(seq.prompt_logprobs) - first :]
         for row in out.rows:
             row.seq.num_computed += row.num_tokens
+            self._offer_to_cache(row.seq)
         updates = []
         for i, (seq, token) in enumerate(zip(out.sampling, tokens, strict=True)):
             if failed and i in failed:
@@ -284,6 +312,15 @@ class Scheduler:
         if len(seq.output_ids) >= (seq.params.max_new_tokens or 0) or full:
             return FinishReason.LENGTH
         return None
+
+    def _offer_to_cache(self, seq: Sequence) -> None:
+        """Register the row's newly completed full blocks, so that the next request with these tokens skips them."""
+        if seq.cache_root is None:
+            return
+        full = seq.num_computed // self.blocks.block_size
+        if full > seq.blocks.num_hashed:
+            extend_chain(seq.block_hashes, seq.cache_root, seq.token_ids, self.blocks.block_size)
+            self.blocks.offer(seq.blocks, seq.block_hashes[:full])
 
     # ----- state changes --------------------------------------------------------------------------------
     def finish(self, seq: Sequence, reason: FinishReason) -> None:

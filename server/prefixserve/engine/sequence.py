@@ -161,6 +161,11 @@ class Sequence:
     constraint: Constraint | None = None  # the grammar's state, when the output is constrained
     prompt_logprobs: list[PromptToken] = field(default_factory=list)  # filled as the prompt is taken in
     prompt_reported: bool = False
+    # The prompt cache (prefix_cache.py): the root of this request's chain (None: caching off), the keys of
+    # its full blocks so far, and how many prompt tokens its first admission found cached.
+    cache_root: bytes | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids) + self.output_ids

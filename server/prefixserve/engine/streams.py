@@ -103,6 +103,7 @@ async def submit(
     params: SamplingParams,
     on_finish: Callable[[], None] | None = None,
     tenant: str | None = None,
+    cache_salt: str | None = None,
 ) -> RequestStream:
     """Queue a request without blocking the event loop (an adapter miss reads the store).
 
@@ -111,5 +112,7 @@ async def submit(
     stream = RequestStream(engine, asyncio.get_running_loop())
     if on_finish is not None:
         stream.add_finish_callback(on_finish)
-    stream.seq = await asyncio.to_thread(engine.submit, prompt_ids, adapter, params, stream.sink, tenant)
+    stream.seq = await asyncio.to_thread(
+        engine.submit, prompt_ids, adapter, params, stream.sink, tenant, cache_salt
+    )
     return stream
