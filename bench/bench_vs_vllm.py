@@ -78,10 +78,12 @@ def start_prefixserve(model: Path, dtype: str, tmp: Path, kv_cache_mb: float | N
     return Server(argv, {}, port, tmp / f"prefixserve-{dtype}.log").wait(300)
 
 
-def start_vllm(python: str, model: Path, dtype: str, tmp: Path) -> Server:
+def start_vllm(
+    python: str, model: Path, dtype: str, tmp: Path, max_model_len: int = 1024, extra: tuple[str, ...] = ()
+) -> Server:
     port = free_port()
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port)]
-    argv += ["--max-model-len", "1024", "--dtype", dtype, "--served-model-name", "base"]
+    argv += ["--max-model-len", str(max_model_len), "--dtype", dtype, "--served-model-name", "base", *extra]
     env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
     return Server(argv, env, port, tmp / f"vllm-{dtype}.log").wait(900)
 

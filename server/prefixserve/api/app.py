@@ -233,6 +233,7 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
 
     authenticated = [Depends(get_principal)]
     app.include_router(routes_ops.router)
+    app.include_router(routes_ops.admin_router, dependencies=authenticated)
     app.include_router(routes_generate.router, dependencies=authenticated, responses=GENERATION_ERRORS)
     app.include_router(routes_openai.router, dependencies=authenticated, responses=OPENAI_ERRORS)
     app.include_router(routes_openai_misc.router, dependencies=authenticated, responses=OPENAI_ERRORS)

@@ -12,7 +12,8 @@ from prefixserve import __version__
 from prefixserve.api.error_docs import ErrorBody
 from prefixserve.api.errors import APIError
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"])  # open: probes and scrapers carry no key
+admin_router = APIRouter(tags=["operations"])  # behind the API keys
 
 
 @router.get("/health")
@@ -63,7 +64,7 @@ def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post(
+@admin_router.post(
     "/reset_prefix_cache",
     responses={403: {"model": ErrorBody, "description": "With API keys: a key that is not an admin's"}},
 )
