@@ -113,8 +113,9 @@ def test_cache_salt_narrows_sharing_and_must_be_a_short_string(tiny_model_dirs, 
 def test_rows_racing_for_the_same_blocks_and_a_small_pool_with_preemption(
     tiny_model_dirs, adapter_dirs, tmp_path
 ):
-    """Identical prompts admitted in one step each compute their blocks (the first registers them); a pool too
-    small for every row evicts cached blocks before it preempts, and a preempted row finds its own blocks."""
+    """A prompt whose next block another row computes in this very step waits one step and then reads it,
+    instead of computing it beside; a pool too small for every row evicts cached blocks before it preempts,
+    and a preempted row finds its own blocks again."""
     base, adapters = tiny_model_dirs["qwen2"], adapter_dirs["qwen2"]
     prompts = [SYSTEM + tokens(3, 10 + i) for i in range(4)] * 2 + [tokens(20, 20 + i) for i in range(4)]
     plain = make_engine(base, tmp_path / "off", adapters, block_size=BLOCK, prefix_caching=False)
@@ -124,7 +125,9 @@ def test_rows_racing_for_the_same_blocks_and_a_small_pool_with_preemption(
     sinks = [submit_ids(roomy, p, "rand8", max_new_tokens=24) for p in prompts]
     run_until_idle(roomy)
     assert [s.tokens for s in sinks] == [s.tokens for s in expected]
-    assert [s.seq.num_cached_tokens for s in sinks[:8]] == [0] * 8  # all raced in the first step
+    # All 8 share SYSTEM's 3 full blocks: the first computes them, the 7 others wait a step and read them.
+    assert [s.seq.num_cached_tokens for s in sinks[:8]] == [0] + [12] * 7
+    assert all(s.seq.admitted_time is not None for s in sinks)
     again = run_one(roomy, "rand8", prompts[0])
     assert again.seq.num_cached_tokens == 12 and again.tokens == expected[0].tokens[:NEW]
 

@@ -155,17 +155,41 @@ class Scheduler:
                 scheduled[seq.seq_id] = ScheduledRow(seq, n)
                 budget -= n
         if not out.preempted:  # admitting while rows are being pushed out would only thrash
-            self._admit(out, scheduled, budget)
+            pending: set[bytes] = set()
+            for row in scheduled.values():
+                self._add_pending(pending, row)
+            self._admit(out, scheduled, budget, pending)
         out.rows = list(scheduled.values())
         return out
 
-    def _admit(self, out: SchedulerOutput, scheduled: dict[int, ScheduledRow], budget: int) -> None:
+    def _add_pending(self, pending: set[bytes], row: ScheduledRow) -> None:
+        """The keys of the full blocks `row` computes in this step: cached once the step is done."""
+        seq, size = row.seq, self.blocks.block_size
+        if seq.cache_root is not None:
+            extend_chain(seq.block_hashes, seq.cache_root, seq.token_ids, size)
+            pending.update(
+                seq.block_hashes[seq.num_computed // size : (seq.num_computed + row.num_tokens) // size]
+            )
+
+    def _waits_for_pending(self, seq: Sequence, cached: list[int], pending: set[bytes]) -> bool:
+        """Whether the block after `seq`'s cached ones is being computed in this step by another row: one step
+        later it is cached, and `seq` skips it instead of computing the same tokens beside it."""
+        if seq.cache_root is None or seq.num_computed or seq.wants_prompt_logprobs:
+            return False
+        usable = (len(seq.token_ids) - 1) // self.blocks.block_size
+        return len(cached) < usable and seq.block_hashes[len(cached)] in pending
+
+    def _admit(
+        self, out: SchedulerOutput, scheduled: dict[int, ScheduledRow], budget: int, pending: set[bytes]
+    ) -> None:
         while budget > 0:
             with self._lock:
                 seq = self.waiting.peek()
                 if seq is None:
                     return
                 cached = self._cached_blocks(seq)
+                if self._waits_for_pending(seq, cached, pending):
+                    return
                 n = min(seq.num_uncomputed - len(cached) * self.blocks.block_size, budget)
                 victims = []
                 if not self._fits(seq, n, cached):
@@ -207,7 +231,8 @@ class Scheduler:
             assert grown, "checked against num_free above"
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled[seq.seq_id] = ScheduledRow(seq, n)
+            scheduled[seq.seq_id] = row = ScheduledRow(seq, n)
+            self._add_pending(pending, row)
             budget -= n
 
     def _fits(self, seq: Sequence, n: int, cached: list[int]) -> bool:
