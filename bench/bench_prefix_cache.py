@@ -104,8 +104,8 @@ def summary(ttfts: list[float], tokens: int, wall: float) -> dict:
 
 def system_prompt_case(url: str, models: list[str], extra: dict) -> dict:
     rng = random.Random(1)
-    systems = [ids(800, rng) for _ in models]
-    jobs = [(models[i % len(models)], systems[i % len(models)] + ids(50, rng)) for i in range(64)]
+    systems = [ids(800, rng) for _ in range(ADAPTERS)]  # one per adapter; vLLM: 8 on its one model
+    jobs = [(models[i % len(models)], systems[i % ADAPTERS] + ids(50, rng)) for i in range(64)]
     return run_load(url, jobs, 64, 16, extra)
 
 
