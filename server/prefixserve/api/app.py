@@ -21,7 +21,7 @@ from prefixserve import __version__
 from prefixserve.adapters.store import AdapterStore
 from prefixserve.api import routes_adapters, routes_generate, routes_openai, routes_openai_misc, routes_ops
 from prefixserve.api.auth import Authenticator, KeyRing, Principal
-from prefixserve.api.error_docs import ADAPTER_ERRORS, GENERATION_ERRORS, OPENAI_ERRORS
+from prefixserve.api.error_docs import ADAPTER_ERRORS, ADMIN_ERRORS, GENERATION_ERRORS, OPENAI_ERRORS
 from prefixserve.api.errors import APIError, install_error_handlers
 from prefixserve.api.generation import TenantLimiter
 from prefixserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -233,7 +233,7 @@ def create_app(runtime: Runtime, keyring: KeyRing | None = None, start_engine: b
 
     authenticated = [Depends(get_principal)]
     app.include_router(routes_ops.router)
-    app.include_router(routes_ops.admin_router, dependencies=authenticated)
+    app.include_router(routes_ops.admin_router, dependencies=authenticated, responses=ADMIN_ERRORS)
     app.include_router(routes_generate.router, dependencies=authenticated, responses=GENERATION_ERRORS)
     app.include_router(routes_openai.router, dependencies=authenticated, responses=OPENAI_ERRORS)
     app.include_router(routes_openai_misc.router, dependencies=authenticated, responses=OPENAI_ERRORS)

@@ -51,6 +51,7 @@ def error_responses(codes: tuple[int, ...], model: type[BaseModel] = ErrorBody) 
 GENERATION_ERRORS = error_responses(_GENERATION)
 OPENAI_ERRORS = error_responses(_GENERATION, OpenAIErrorBody)
 ADAPTER_ERRORS = error_responses((400, 401, 403, 404, 413, 415, 422, 503, 507))
+ADMIN_ERRORS = error_responses((401, 403, 422))  # 422: an admin key's X-Tenant that is not a valid tenant
 _EVENT = {  # one Server-Sent Event: its `data` is a JSON chunk (or `[DONE]` on the OpenAI routes)
     "type": "object",
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
