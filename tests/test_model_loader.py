@@ -10,7 +10,13 @@ from transformers import GPT2Config, LlamaConfig, MistralConfig, T5Config, T5For
 
 from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
 from prefixserve.engine.kv_cache import KVPool
-from prefixserve.engine.model_loader import check_servable, kv_shape_of, load_model, resolve_device
+from prefixserve.engine.model_loader import (
+    check_servable,
+    cpu_has_native_bf16,
+    kv_shape_of,
+    load_model,
+    resolve_device,
+)
 from prefixserve.engine.self_check import check_prefix_serving
 
 
@@ -94,3 +100,15 @@ def test_self_check_passes_on_supported_models_and_catches_a_cache_that_drops_th
     monkeypatch.setattr(KVPool, "write_prefix", forgetful_write_prefix)
     with pytest.raises(UnsupportedModelError, match="cannot be served exactly"):
         check_prefix_serving(loaded)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_with_what_to_use(tiny_model_dirs, caplog):
+    with caplog.at_level("WARNING", logger="prefixserve.engine.model_loader"):
+        load_model(str(tiny_model_dirs["gpt2"]), "cpu", "bfloat16", 256)
+        load_model(str(tiny_model_dirs["gpt2"]), "cpu", "float32", 256)
+    warned = [r for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(warned) == (
+        0 if cpu_has_native_bf16() else 1
+    )  # never for float32; for bf16 where it is emulated
+    if warned:
+        assert "--dtype float32" in warned[0].getMessage()
