@@ -32,32 +32,40 @@ MIXED = [
 NEW_TOKENS = 12
 
 
+def check_batch_greedy(arch, base, adapters, store, plan, new_tokens=NEW_TOKENS) -> None:
+    """Every (adapter, prompt) of `plan` in one engine at once: each row gets PEFT's greedy tokens."""
+    engine = make_engine(base, store, adapters)
+    sinks = [submit(engine, prompt, name, max_new_tokens=new_tokens) for name, prompt in plan]
+    run_until_idle(engine)
+    for (name, prompt), sink in zip(plan, sinks, strict=True):
+        expected = peft_generate(base, adapters[name] if name else None, prompt, new_tokens)
+        assert sink.tokens == expected, f"{arch} adapter={name} prompt={prompt!r}"
+
+
+def check_prefill_logits(arch, base, adapters, store, plan, atol: float) -> None:
+    """Every row of `plan` prefilled in one step: its last logits within `atol` of PEFT's forward."""
+    engine = make_engine(base, store, adapters)
+    tok = engine.loaded.tokenizer
+    seqs = []
+    for name, prompt in plan:
+        prefix = engine.registry.get(NAMESPACE, (name,)) if name else None
+        seqs.append(Sequence(tok.encode(prompt), SamplingParams(), prefix, lambda e: None))
+    logits = run_rows(engine.runner, engine.scheduler.blocks, [(s, len(s.prompt_ids)) for s in seqs])
+    for (name, prompt), row in zip(plan, logits, strict=True):
+        expected = peft_last_logits(base, adapters[name] if name else None, prompt)
+        assert torch.allclose(row, expected, atol=atol, rtol=0), (
+            f"{arch} adapter={name}: max |dlogit| {(row - expected).abs().max():.2e}"
+        )
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_greedy_equals_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
-    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
-    engine = make_engine(base, tmp_path / "store", adapters)
-    sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in MIXED]
-    run_until_idle(engine)
-    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
-        expected = peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS)
-        assert sink.tokens == expected, f"{arch} adapter={name} prompt={prompt!r}"
+    check_batch_greedy(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_prefill_logits_match_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
-    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
-    engine = make_engine(base, tmp_path / "store", adapters)
-    tok = engine.loaded.tokenizer
-    seqs = []
-    for name, prompt in MIXED:
-        prefix = engine.registry.get(NAMESPACE, (name,)) if name else None
-        seqs.append(Sequence(tok.encode(prompt), SamplingParams(), prefix, lambda e: None))
-    logits = run_rows(engine.runner, engine.scheduler.blocks, [(s, len(s.prompt_ids)) for s in seqs])
-    for (name, prompt), row in zip(MIXED, logits, strict=True):
-        expected = peft_last_logits(base, adapters[name] if name else None, prompt)
-        assert torch.allclose(row, expected, atol=1e-4, rtol=0), (
-            f"{arch} adapter={name}: max |dlogit| {(row - expected).abs().max():.2e}"
-        )
+    check_prefill_logits(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED, 1e-4)
 
 
 def test_row_joining_a_running_batch_gets_the_same_tokens(tiny_model_dirs, adapter_dirs, tmp_path):

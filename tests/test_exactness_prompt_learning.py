@@ -14,7 +14,7 @@ from prefixserve.engine.self_check import _max_delta, run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from tests.conftest import ARCHS, PROMPT_SPECS
 from tests.engine_harness import NAMESPACE, make_engine, run_until_idle, submit
-from tests.test_exactness import PROMPTS
+from tests.test_exactness import PROMPTS, check_batch_greedy, check_prefill_logits
 from tests.tiny_models import load_base, peft_generate, peft_last_logits
 
 # Every prompt-learning kind beside prefix adapters (projected and not) and the base model, several lengths.
@@ -38,29 +38,12 @@ def oracle(base, adapters, name, prompt, n=NEW_TOKENS):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_greedy_equals_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
-    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
-    engine = make_engine(base, tmp_path / "store", adapters)
-    sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in MIXED]
-    run_until_idle(engine)
-    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
-        assert sink.tokens == oracle(base, adapters, name, prompt), f"{arch} adapter={name} prompt={prompt!r}"
+    check_batch_greedy(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_prefill_logits_match_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
-    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
-    engine = make_engine(base, tmp_path / "store", adapters)
-    tok = engine.loaded.tokenizer
-    seqs = []
-    for name, prompt in MIXED:
-        prefix = engine.registry.get(NAMESPACE, (name,)) if name else None
-        seqs.append(Sequence(tok.encode(prompt), SamplingParams(), prefix, lambda e: None))
-    logits = run_rows(engine.runner, engine.scheduler.blocks, [(s, len(s.prompt_ids)) for s in seqs])
-    for (name, prompt), row in zip(MIXED, logits, strict=True):
-        expected = peft_last_logits(base, adapters[name] if name else None, prompt)
-        assert torch.allclose(row, expected, atol=1e-5, rtol=0), (
-            f"{arch} adapter={name}: max |dlogit| {(row - expected).abs().max():.2e}"
-        )
+    check_prefill_logits(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED, 1e-5)
 
 
 def test_each_method_reports_its_kind_and_length(tiny_model_dirs, adapter_dirs, tmp_path):
