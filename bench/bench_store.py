@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-from prefixserve.adapters.format import KVShape, PeftAdapter
+from prefixserve.adapters.format import PeftAdapter
+from prefixserve.adapters.kv_prefix import KVShape
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.adapters.store import AdapterStore, open_store
+from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.stores import open_store
 from tests.s3_server import start_s3_server
 
 GPT2 = KVShape(num_layers=12, num_kv_heads=12, head_dim=64, hidden_size=768)

@@ -29,5 +29,5 @@ echo "upstream canary with:"
 "$venv/bin/python" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|tokenizers|huggingface-hub)==' | sed 's/^/  /'
 cd "$repo"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_exactness.py tests/test_upstream.py tests/test_training.py tests/test_from_text.py \
-  tests/test_transformers_warnings.py "$@"
+  tests/engine/test_exactness.py tests/engine/test_upstream.py tests/training/test_training.py \
+  tests/api/test_from_text.py tests/engine/test_transformers_warnings.py "$@"

@@ -1,3 +1,20 @@
+"""Fixtures shared by several layers, and the markers' automatic parts.
+
+The suite is in layers, one folder each (each folder's conftest.py says what it tests and its own fixtures):
+unit/ (pure parts: no model forward, no server), engine/ (the engine against PEFT on tiny local models, in
+this process), training/ (`prefixserve train`), api/ (the app in this process or one server process on
+loopback), system/ (several processes, external tools, the deployment files). Helpers every layer imports
+stay here beside this file: tiny_models, engine_harness, server_process, s3_server, paths (REPO_ROOT).
+
+Session fixtures here: tiny_model_dirs and adapter_dirs (tiny models of every architecture and PEFT adapters
+of every kind for them: unit, engine, api), s3_server and s3_bucket (SeaweedFS on loopback: unit, system).
+
+Markers (registered in pyproject.toml): `slow`, `external` and `cuda`. A test that uses s3_server, directly
+or through another fixture, is marked `external` and `slow` here; one that reaches it through
+request.getfixturevalue marks that parameter itself. arch_params() marks all architectures but the first
+`slow` in the engine's sweeps. `cuda` tests are deselected (not skipped) where there is no CUDA device.
+"""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +28,13 @@ from tests.tiny_models import build_model, make_adapter, make_prompt_adapter
 
 torch.set_num_threads(int(os.environ.get("PREFIXSERVE_TEST_THREADS", "2")))
 ARCHS = ("gpt2", "llama", "mistral", "qwen2")
+
+
+def arch_params(*archs: str) -> list:
+    """`archs` (every architecture by default) for @pytest.mark.parametrize("arch", ...): the first runs in
+    the quick run, the others, the same check again on another architecture, are marked `slow`."""
+    first, *others = archs or ARCHS
+    return [first, *(pytest.param(arch, marks=pytest.mark.slow) for arch in others)]
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +99,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 def s3_bucket(s3_server: S3Server) -> str:
     """One bucket for the session's store tests; each test takes a prefix of its own."""
     return s3_server.new_bucket()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the markers added here count in it
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):  # SeaweedFS: started, ~2 s to stop
+            item.add_marker(pytest.mark.external)
+            item.add_marker(pytest.mark.slow)
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("cuda")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]

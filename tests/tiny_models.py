@@ -161,8 +161,8 @@ def greedy_by_forward(
     """Greedy decoding by the model's forward over the whole sequence at every step, without a cache.
 
     The oracle's decoder. Not `generate`: with transformers >= 5.24, `PeftModel.generate` silently drops a
-    prefix adapter's prefix (tests/test_upstream.py tracks it), while PEFT's forward still injects it. Like
-    `generate`, it stops after the first EOS, which it includes.
+    prefix adapter's prefix (tests/engine/test_upstream.py tracks it), while PEFT's forward still injects it.
+    Like `generate`, it stops after the first EOS, which it includes.
     """
     ids, new = list(input_ids), []
     with torch.no_grad():

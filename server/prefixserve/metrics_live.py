@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-AdapterRef = tuple[str, str]  # (tenant, adapter name as requests give it)
+AdapterLabel = tuple[str, str]  # (tenant, adapter name as requests give it)
 NameStyle = Literal["plain", "digest"]
 
 
@@ -37,8 +37,8 @@ class EngineView:
     num_running: Callable[[], int]
     num_waiting: Callable[[], int]
     kv_cache_usage: Callable[[], float]  # 0-1
-    running_adapters: Callable[[], list[AdapterRef]]
-    waiting_adapters: Callable[[], list[AdapterRef]]
+    running_adapters: Callable[[], list[AdapterLabel]]
+    waiting_adapters: Callable[[], list[AdapterLabel]]
     max_adapters: int  # the most distinct adapters one batch can hold: one per row
     model_name: str
 
@@ -60,7 +60,7 @@ class AdapterInfoCollector(Collector):
         self._view, self._names = view, _Names(names)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        def label(refs: list[AdapterRef]) -> str:
+        def label(refs: list[AdapterLabel]) -> str:
             return self._names([f"{tenant}/{name}" for tenant, name in refs])
 
         family = GaugeMetricFamily(

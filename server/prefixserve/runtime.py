@@ -9,9 +9,11 @@ import torch
 
 from prefixserve.adapters.locations import S3Location
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.adapters.store import AdapterStore, open_store
+from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.stores import open_store
 from prefixserve.config import Settings
-from prefixserve.engine.engine import EngineLimits, LLMEngine
+from prefixserve.engine.engine import LLMEngine
+from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import LoadedModel, load_model
 from prefixserve.engine.prefix_cache import CacheScope
 from prefixserve.engine.self_check import check_prefix_serving

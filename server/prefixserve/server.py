@@ -11,8 +11,9 @@ from types import FrameType
 
 import uvicorn
 
-from prefixserve.api.app import ServerState, create_app
+from prefixserve.api.app import create_app
 from prefixserve.api.auth import KeyRing, is_loopback
+from prefixserve.api.state import ServerState
 from prefixserve.config import Settings
 from prefixserve.runtime import build_runtime
 from prefixserve.startup import StartupError, bind_socket

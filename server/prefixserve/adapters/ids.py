@@ -1,4 +1,5 @@
-"""Adapter ids and composition syntax (`a+b` serves a's prefix followed by b's)."""
+"""Adapter ids, composition syntax (`a+b` serves a's prefix followed by b's) and `AdapterRef`, the one way
+every layer names what a request is served with."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ ADAPTER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _ADAPTER_ID_RE = re.compile(ADAPTER_ID_PATTERN)
 COMPOSE_SEPARATOR = "+"
 MAX_COMPOSED_ADAPTERS = 8
+# (namespace, adapter ids in composition order): a request's adapter, as the registry and engine key it.
+AdapterRef = tuple[str, tuple[str, ...]]
 
 
 def validate_adapter_id(adapter_id: str, what: str = "adapter id") -> str:

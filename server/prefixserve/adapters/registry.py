@@ -20,46 +20,14 @@ from cachetools import LRUCache
 
 from prefixserve import metrics
 from prefixserve.adapters.errors import AdapterNotFoundError, InvalidAdapterError
-from prefixserve.adapters.format import (
-    METHODS,
-    KVShape,
-    PeftAdapter,
-    embeddings_to_kv,
-    method_of,
-    validate_adapter,
-)
-from prefixserve.adapters.ids import COMPOSE_SEPARATOR
+from prefixserve.adapters.format import METHODS, PeftAdapter, method_of, validate_adapter
+from prefixserve.adapters.ids import COMPOSE_SEPARATOR, AdapterRef
+from prefixserve.adapters.kv_prefix import KVShape, LoadedPrefix, embeddings_to_kv
 from prefixserve.adapters.store import AdapterInfo, AdapterStore
 
-AdapterKey = tuple[str, tuple[str, ...]]  # (namespace, adapter ids in composition order)
 # Prompt kinds' virtual-token embeddings [T, hidden] → their keys/values [layers, 2, kv_heads, T, head_dim]:
 # a forward pass of the base model, which the engine provides (engine/virtual_tokens.py).
 Materializer = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LoadedPrefix:
-    """An adapter (or a composition of adapters) ready for the engine."""
-
-    namespace: str
-    adapter_ids: tuple[str, ...]
-    sha256: tuple[str, ...]
-    kv: torch.Tensor  # [layers, 2, kv_heads, num_virtual_tokens, head_dim], model dtype, on device
-    method: str = "prefix-tuning"  # format.METHODS; a composition's is its parts' (they are all alike)
-    # Prompt kinds: the virtual tokens' input embeddings, which a composition runs the model over again.
-    embeddings: torch.Tensor | None = None
-
-    @property
-    def name(self) -> str:
-        return COMPOSE_SEPARATOR.join(self.adapter_ids)
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return int(self.kv.shape[3])
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
 
 
 @dataclass
@@ -97,7 +65,7 @@ class AdapterRegistry:
         self.device = device
         self.max_virtual_tokens = max_virtual_tokens
         self.refresh_seconds = refresh_seconds
-        self._cache: LRUCache[AdapterKey, _Entry] = _CountingLRU(
+        self._cache: LRUCache[AdapterRef, _Entry] = _CountingLRU(
             maxsize=cache_bytes, getsizeof=lambda entry: entry.prefix.nbytes
         )
         self._lock = threading.RLock()
@@ -212,7 +180,7 @@ class AdapterRegistry:
         self._insert(key, _Entry(prefix, version, time.monotonic()))
         return prefix
 
-    def _insert(self, key: AdapterKey, entry: _Entry, invalidations: int | None = None) -> None:
+    def _insert(self, key: AdapterRef, entry: _Entry, invalidations: int | None = None) -> None:
         with self._lock, contextlib.suppress(ValueError):  # larger than the whole budget: serve it uncached
             if invalidations is None or invalidations == self._invalidations:
                 self._cache[key] = entry

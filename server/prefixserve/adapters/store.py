@@ -1,4 +1,6 @@
-"""The durable adapter store: what every backend promises, and `open_store` to pick one by location.
+"""The durable adapter store's contract: what every backend promises (`AdapterStore`) and what it describes
+an adapter with (`AdapterInfo`). `stores.open_store` picks a backend by location; `store_blob` holds what the
+backends share.
 
 Backends: a directory (`store_dir.DirectoryStore`: a local disk, or a shared volume for several replicas)
 and an S3-compatible bucket (`store_s3.S3Store`, `--adapter-dir s3://BUCKET/PREFIX`). Both store one
@@ -10,15 +12,11 @@ another replica replaces or deletes it and costs no re-read, so the registry not
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from prefixserve.adapters.locations import S3Location, parse_store_location
-
-if TYPE_CHECKING:
-    from prefixserve.adapters.format import PeftAdapter
+from prefixserve.adapters.format import PeftAdapter, method_of
 
 # A version fingerprint: changes whenever the stored adapter is replaced or removed. A file's
 # (inode, mtime, size); an object's ETag.
@@ -36,6 +34,18 @@ class AdapterInfo:
     created_at: float
     updated_at: float
     config: dict[str, Any] = field(repr=False)
+
+    @property
+    def method(self) -> str:
+        return method_of(self.peft_type)
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def prefix_projection(self) -> bool | None:
+        return self.config.get("prefix_projection")
 
 
 class AdapterStore(Protocol):
@@ -70,15 +80,3 @@ class AdapterStore(Protocol):
     def describe(self) -> str:
         """Where the store is, for the start-up log."""
         ...
-
-
-def open_store(location: str | os.PathLike[str]) -> AdapterStore:
-    """The store at `location`: `s3://BUCKET/PREFIX` for a bucket, anything else is a directory."""
-    parsed = parse_store_location(location)
-    if isinstance(parsed, S3Location):
-        from prefixserve.adapters.store_s3 import S3Store
-
-        return S3Store(parsed)
-    from prefixserve.adapters.store_dir import DirectoryStore
-
-    return DirectoryStore(parsed)

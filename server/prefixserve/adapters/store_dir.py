@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from stat import S_ISREG
 
@@ -23,24 +24,17 @@ from prefixserve.adapters.errors import (
     InvalidAdapterIdError,
     StoreError,
 )
-from prefixserve.adapters.format import PeftAdapter
 from prefixserve.adapters.ids import validate_adapter_id
 from prefixserve.adapters.store import AdapterInfo, Fingerprint
+from prefixserve.adapters.store_blob import Blob, BlobStore, listed_info
 from prefixserve.adapters.store_files import fsync_dir, publish, storage_faults
-from prefixserve.adapters.store_format import (
-    FILE_SUFFIX,
-    decode_verified,
-    encode_adapter,
-    info_from_metadata,
-    stored_info,
-    unreadable,
-)
+from prefixserve.adapters.store_format import FILE_SUFFIX, info_from_metadata, unreadable
 
 log = logging.getLogger("prefixserve.adapters.store")
 STALE_TEMP_SECONDS = 600.0
 
 
-class DirectoryStore:
+class DirectoryStore(BlobStore):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -50,18 +44,11 @@ class DirectoryStore:
         return str(self.root.resolve())
 
     def path(self, namespace: str, adapter_id: str) -> Path:
-        validate_adapter_id(namespace, "tenant")
-        validate_adapter_id(adapter_id)
+        self.check_ids(namespace, adapter_id)
         return self.root / namespace / f"{adapter_id}{FILE_SUFFIX}"
 
-    def put(self, namespace: str, adapter_id: str, adapter: PeftAdapter) -> tuple[AdapterInfo, bool]:
-        """Store (create or replace) an adapter; returns what this call stored and whether it was new."""
+    def _write(self, namespace: str, adapter_id: str, data: bytes) -> tuple[bool, float]:
         path = self.path(namespace, adapter_id)
-        try:
-            created_at = self.info(namespace, adapter_id).created_at
-        except (AdapterNotFoundError, InvalidAdapterError):  # new, or unreadable: replaced all the same
-            created_at = time.time()
-        data, sha256 = encode_adapter(adapter, created_at)
         with storage_faults(adapter_id, "store", path):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".tmp-{adapter_id}-{uuid.uuid4().hex}"
@@ -75,11 +62,9 @@ class DirectoryStore:
             finally:
                 tmp.unlink(missing_ok=True)
             fsync_dir(path.parent)
-        info = stored_info(namespace, adapter_id, adapter, sha256, len(data), created_at, updated_at)
-        return info, created
+        return created, updated_at
 
-    def load(self, namespace: str, adapter_id: str) -> tuple[PeftAdapter, AdapterInfo, Fingerprint]:
-        """Read an adapter, verifying its content against the sha256 recorded when it was stored."""
+    def _read(self, namespace: str, adapter_id: str) -> Blob:
         path = self.path(namespace, adapter_id)
         with storage_faults(adapter_id, "read", path):
             try:
@@ -90,8 +75,7 @@ class DirectoryStore:
                 raise AdapterNotFoundError(adapter_id) from None
             except IsADirectoryError:
                 raise unreadable(adapter_id, "a directory, not a file") from None
-        adapter, info = decode_verified(namespace, adapter_id, data, path, stat.st_mtime)
-        return adapter, info, _fingerprint(stat)
+        return Blob(data, str(path), stat.st_mtime, _fingerprint(stat))
 
     def info(self, namespace: str, adapter_id: str) -> AdapterInfo:
         path = self.path(namespace, adapter_id)
@@ -126,15 +110,11 @@ class DirectoryStore:
                 for p in directory.glob(f"*{FILE_SUFFIX}")
                 if not p.name.startswith(".")
             )
-        infos = []
-        for adapter_id in ids:  # sorted by id, which is what pagination cursors compare
-            try:
-                infos.append(self.info(namespace, adapter_id))
-            except AdapterNotFoundError:
-                continue  # deleted while listing
-            except (InvalidAdapterError, InvalidAdapterIdError, StoreError) as exc:
-                log.warning("skipping unreadable entry for adapter %r in %s: %s", adapter_id, directory, exc)
-        return infos
+        # Sorted by id, which is what pagination cursors compare. A file this process cannot read (its
+        # permissions, a damaged header) is skipped: the store stays usable for the others.
+        skipped = (InvalidAdapterError, InvalidAdapterIdError, StoreError)
+        infos = (listed_info(partial(self.info, namespace, i), i, str(directory), skipped) for i in ids)
+        return [info for info in infos if info is not None]
 
     def delete(self, namespace: str, adapter_id: str) -> None:
         path = self.path(namespace, adapter_id)

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -36,20 +37,12 @@ from prefixserve.adapters.errors import (
     InvalidAdapterIdError,
     StoreError,
 )
-from prefixserve.adapters.format import PeftAdapter
 from prefixserve.adapters.ids import validate_adapter_id
 from prefixserve.adapters.locations import S3Location
 from prefixserve.adapters.s3_client import check_bucket, error_code, is_not_found, make_client, s3_faults
 from prefixserve.adapters.store import AdapterInfo, Fingerprint
-from prefixserve.adapters.store_format import (
-    FILE_SUFFIX,
-    decode_verified,
-    encode_adapter,
-    header_length,
-    info_from_metadata,
-    stored_info,
-    unreadable,
-)
+from prefixserve.adapters.store_blob import Blob, BlobStore, listed_info
+from prefixserve.adapters.store_format import FILE_SUFFIX, header_length, info_from_metadata, unreadable
 
 log = logging.getLogger("prefixserve.adapters.store")
 HEADER_PROBE_BYTES = 16 * 1024  # one ranged GET covers a prefixserve header (the PEFT config: ~1 KB)
@@ -59,7 +52,7 @@ LIST_READERS = 8  # parallel header reads for objects a listing has not seen bef
 INFO_CACHE_ENTRIES = 10_000  # headers kept by (key, ETag): a repeated listing costs its pages only
 
 
-class S3Store:
+class S3Store(BlobStore):
     def __init__(self, location: S3Location, client: Any = None, page_size: int = LIST_PAGE_SIZE) -> None:
         self.location = location
         self.client = client if client is not None else make_client()
@@ -72,21 +65,14 @@ class S3Store:
         return f"{self.location} (S3 endpoint {self.client.meta.endpoint_url})"
 
     def key(self, namespace: str, adapter_id: str) -> str:
-        validate_adapter_id(namespace, "tenant")
-        validate_adapter_id(adapter_id)
+        self.check_ids(namespace, adapter_id)
         return f"{self.location.prefix}{namespace}/{adapter_id}{FILE_SUFFIX}"
 
     def url(self, key: str) -> str:
         return f"s3://{self.location.bucket}/{key}"
 
-    def put(self, namespace: str, adapter_id: str, adapter: PeftAdapter) -> tuple[AdapterInfo, bool]:
-        """Store (create or replace) an adapter; returns what this call stored and whether it was new."""
+    def _write(self, namespace: str, adapter_id: str, data: bytes) -> tuple[bool, float]:
         key = self.key(namespace, adapter_id)
-        try:
-            created_at = self.info(namespace, adapter_id).created_at
-        except (AdapterNotFoundError, InvalidAdapterError):  # new, or unreadable: replaced all the same
-            created_at = time.time()
-        data, sha256 = encode_adapter(adapter, created_at)
         request = {
             "Bucket": self.location.bucket,
             "Key": key,
@@ -109,11 +95,9 @@ class S3Store:
                     raise
                 self.client.put_object(**request)
                 created = False
-        info = stored_info(namespace, adapter_id, adapter, sha256, len(data), created_at, time.time())
-        return info, created
+        return created, time.time()
 
-    def load(self, namespace: str, adapter_id: str) -> tuple[PeftAdapter, AdapterInfo, Fingerprint]:
-        """Read an adapter, verifying its content against the sha256 recorded when it was stored."""
+    def _read(self, namespace: str, adapter_id: str) -> Blob:
         key = self.key(namespace, adapter_id)
         with s3_faults(adapter_id, "read", self.url(key)):
             try:
@@ -123,9 +107,7 @@ class S3Store:
                     raise AdapterNotFoundError(adapter_id) from None
                 raise
             data = response["Body"].read()
-        updated_at = response["LastModified"].timestamp()
-        adapter, info = decode_verified(namespace, adapter_id, data, self.url(key), updated_at)
-        return adapter, info, response["ETag"]
+        return Blob(data, self.url(key), response["LastModified"].timestamp(), response["ETag"])
 
     def info(self, namespace: str, adapter_id: str) -> AdapterInfo:
         """From the object's header only (a ranged GET of its first bytes)."""
@@ -159,7 +141,7 @@ class S3Store:
         missing = [i for i, info in enumerate(infos) if info is None]
         if missing:
             with ThreadPoolExecutor(min(LIST_READERS, len(missing))) as pool:
-                read = pool.map(lambda i: self._listed_info(namespace, listed[i][0], listed[i][1]), missing)
+                read = pool.map(lambda i: self._listed_info(namespace, *listed[i][:2]), missing)
                 for i, info in zip(missing, read, strict=True):
                     infos[i] = info
         return [info for info in infos if info is not None]
@@ -185,14 +167,9 @@ class S3Store:
             raise
 
     def _listed_info(self, namespace: str, adapter_id: str, key: str) -> AdapterInfo | None:
-        try:
-            return self._read_info(namespace, adapter_id, key)
-        except AdapterNotFoundError:
-            return None  # deleted while listing
         # A StoreError (the service failing, access denied) fails the listing: skipping would hide adapters.
-        except (InvalidAdapterError, InvalidAdapterIdError) as exc:
-            log.warning("skipping unreadable entry for adapter %r at %s: %s", adapter_id, self.url(key), exc)
-            return None
+        read = partial(self._read_info, namespace, adapter_id, key)
+        return listed_info(read, adapter_id, self.url(key), (InvalidAdapterError, InvalidAdapterIdError))
 
     def _read_info(self, namespace: str, adapter_id: str, key: str) -> AdapterInfo:
         validate_adapter_id(adapter_id)

@@ -1,10 +1,10 @@
-"""The FastAPI application: wiring, authentication, request ids, lifespan of the engine, drain."""
+"""The FastAPI application's wiring: routers, middleware (request ids, authentication, body limits, tracing),
+error handlers, live metrics, and the engine's lifespan. What the routes share is `state.ServerState`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -13,101 +13,26 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPBearer
 from fastapi_offline import FastAPIOffline
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import Scope
 
 from prefixserve import __version__
 from prefixserve.adapters.store import AdapterStore
 from prefixserve.api import routes_adapters, routes_generate, routes_openai, routes_openai_misc, routes_ops
-from prefixserve.api.auth import Authenticator, KeyRing, Principal
+from prefixserve.api.auth import KeyRing, Principal
 from prefixserve.api.error_docs import ADAPTER_ERRORS, ADMIN_ERRORS, GENERATION_ERRORS, OPENAI_ERRORS
-from prefixserve.api.errors import APIError, install_error_handlers
-from prefixserve.api.generation import TenantLimiter
+from prefixserve.api.errors import install_error_handlers
 from prefixserve.api.middleware import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from prefixserve.api.state import ServerState
 from prefixserve.config import Settings
 from prefixserve.console import CONSOLE_PATH, install_console
 from prefixserve.metrics_live import EngineView, register_live_metrics
 from prefixserve.runtime import Runtime
 
 if TYPE_CHECKING:  # imported for real only when tracing is on: off, the OpenTelemetry SDK is never loaded
-    from prefixserve.api.tracing import Tracing
+    pass
 
 log = logging.getLogger(__name__)
-
-
-class ServerState:
-    """What the routes need: the engine, the adapter registry and store, settings. No tensors."""
-
-    def __init__(self, runtime: Runtime, keyring: KeyRing | None) -> None:
-        self.settings = runtime.settings
-        self.loaded = runtime.loaded
-        self.engine = runtime.engine
-        self.registry = runtime.registry
-        self.store = runtime.store
-        self.model_name = runtime.settings.model_name or runtime.loaded.name
-        self.authenticator = Authenticator(keyring)
-        self.limiter = TenantLimiter(runtime.settings.max_concurrent_per_tenant)
-        self.started_at = time.time()
-        self.tracing: Tracing | None = None  # set by create_app when --otlp-traces-endpoint is given
-        self.draining = False
-        self.special_ids = frozenset(runtime.loaded.tokenizer.all_special_ids)
-        self.max_model_len = runtime.loaded.max_length
-        self.vocab_size = runtime.engine.vocab_size
-        # No token stands for more characters than its vocabulary entry has, so a text longer than
-        # n x the longest entry surely has more than n tokens: refused before the tokenizer spends on it.
-        self.max_token_chars = max((len(t) for t in runtime.loaded.tokenizer.get_vocab()), default=1)
-
-    def namespace(self, request: Request) -> str:
-        return request.state.principal.tenant
-
-    def check_chars(self, chars: int, max_tokens: int, field: str) -> None:
-        limit = max_tokens * self.max_token_chars
-        if chars > limit:
-            raise APIError(
-                422,
-                f"{field} is {chars} characters: more than the {max_tokens} tokens accepted can hold "
-                f"(at most {limit} characters with this tokenizer); shorten it",
-                "validation",
-            )
-
-    def encode(self, text: str) -> list[int]:
-        return self.loaded.tokenizer.encode(text)
-
-    async def aencode(self, text: str, field: str) -> list[int]:
-        """Tokenize off the event loop: a long prompt must not stall every other request."""
-        self.check_chars(len(text), self.engine.limits.max_input_tokens, field)
-        return await run_in_threadpool(self.encode, text)
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        tokenizer = self.loaded.tokenizer
-        if not tokenizer.chat_template:
-            raise APIError(
-                422,
-                f"the base model {self.model_name!r} has no chat template; use /v1/completions or /generate",
-                "validation",
-            )
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return list(ids)
-
-    async def drain(self) -> None:
-        """Stop taking requests (/ready → 503), let running ones finish within the grace period."""
-        self.draining = True
-        log.info(
-            "draining: waiting up to %.0fs for %d running, %d waiting requests",
-            self.settings.drain_seconds,
-            self.engine.num_running,
-            self.engine.num_waiting,
-        )
-        deadline = time.monotonic() + self.settings.drain_seconds
-        while (self.engine.num_running or self.engine.num_waiting) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        self.engine.stop_accepting()
-        if self.engine.num_running or self.engine.num_waiting:
-            log.warning("drain grace period over: cancelling the requests still running")
-            self.engine.cancel_all()
 
 
 DOCS_PATH = "/docs"

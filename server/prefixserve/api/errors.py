@@ -17,7 +17,8 @@ from prefixserve.adapters.errors import (
     StoreError,
     StoreFullError,
 )
-from prefixserve.engine.errors import EngineError, EngineStoppedError, QueueFullError
+from prefixserve.api.field_names import worded
+from prefixserve.engine.errors import EngineError, EngineStoppedError, QueueFullError, RequestValidationError
 
 log = logging.getLogger(__name__)
 _VLLM_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
@@ -31,23 +32,35 @@ def is_openai_path(path: str) -> bool:
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        error_type: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,  # the request field at fault, where one is
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.headers = headers
+        self.param = param
 
 
 def error_response(
-    request: Request, status: int, message: str, error_type: str, headers: dict[str, str] | None = None
+    request: Request,
+    status: int,
+    message: str,
+    error_type: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
+    """`param`: the request field at fault, where known (OpenAI's shape has a place for it)."""
     metrics.REQUEST_FAILURE.labels(error_type).inc()
     request.state.error = (error_type, message)  # for the request's trace span, when tracing is on
     body: dict[str, object] = {"error": message, "error_type": error_type}
     if is_openai_path(request.url.path):  # what the openai client reads its error message from
-        body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+        body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
     rid = getattr(request.state, "request_id", None)
     if rid:  # also set here: responses built outside the request-id middleware (500s) carry it too
         body["request_id"] = rid
@@ -74,14 +87,17 @@ def status_for(exc: Exception) -> int:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(request, exc.status, exc.message, exc.error_type, exc.headers)
+        return error_response(request, exc.status, exc.message, exc.error_type, exc.headers, exc.param)
 
     @app.exception_handler(AdapterError)
     @app.exception_handler(EngineError)
     async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         status = status_for(exc)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
-        return error_response(request, status, str(exc), getattr(exc, "error_type", "error"), headers)
+        message, param = str(exc), None
+        if isinstance(exc, RequestValidationError):
+            message, param = worded(exc, is_openai_path(request.url.path))
+        return error_response(request, status, message, getattr(exc, "error_type", "error"), headers, param)
 
     @app.exception_handler(FastAPIValidationError)
     async def _validation_error(request: Request, exc: FastAPIValidationError) -> JSONResponse:

@@ -11,11 +11,10 @@ from typing import Any
 
 from fastapi import Request
 
-from prefixserve.adapters.ids import parse_adapter_spec
+from prefixserve.adapters.ids import AdapterRef, parse_adapter_spec
 from prefixserve.api.errors import APIError
-from prefixserve.engine.engine import AdapterRef
+from prefixserve.api.streams import RequestStream, submit
 from prefixserve.engine.sequence import FinishReason, GrammarSpec, PromptToken, SamplingParams, TokenEvent
-from prefixserve.engine.streams import RequestStream, submit
 
 _DISCONNECT_POLL_SECONDS = 0.25
 

@@ -1,31 +1,18 @@
-"""OpenAI request fields to engine parameters, engine events to OpenAI's log-probability shapes."""
+"""OpenAI request fields to engine inputs (sampling parameters, chat messages), and engine events to OpenAI's
+log-probability shapes."""
 
 from __future__ import annotations
 
 from prefixserve.api.errors import APIError
 from prefixserve.api.generation import grammar_spec
 from prefixserve.api.openai_schemas import CompletionLogprobs, TokenLogprob, TopLogprob, _SamplingFields
+from prefixserve.api.schemas import check_text
 from prefixserve.engine.sequence import GrammarSpec, PromptToken, SamplingParams, TokenEvent
 from prefixserve.engine.sequence import TokenLogprob as Alt
 
-# Engine names in validation messages, as the OpenAI routes call them.
-_OPENAI_NAMES = (
-    ("max_new_tokens", "max_tokens"),
-    ("min_new_tokens", "min_tokens"),
-    ("prompt_logprobs", "logprobs"),
-    ("inputs tokens", "prompt tokens"),
-    ("inputs", "prompt"),
-)
-
 
 def refuse(field: str, why: str) -> APIError:
-    return APIError(422, f"{field}: {why}", "validation")
-
-
-def openai_names(message: str) -> str:
-    for engine_name, openai_name in _OPENAI_NAMES:
-        message = message.replace(engine_name, openai_name)
-    return message
+    return APIError(422, f"{field}: {why}", "validation", param=field)
 
 
 def sampling_params(
@@ -86,6 +73,23 @@ def _grammar(body: _SamplingFields) -> GrammarSpec | None:
     if fmt.json_schema is None:
         raise refuse("response_format.json_schema", "required when type is 'json_schema'")
     return grammar_spec("json_schema", fmt.json_schema.schema_)
+
+
+def chat_messages(messages: list) -> list[dict[str, str]]:
+    """Messages for the chat template: text parts joined; other parts are refused by position."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                raise refuse(f"messages.{i}.content", "only text parts are supported")
+            content = "".join(str(part.get("text", "")) for part in content)
+            try:
+                check_text(content)
+            except ValueError as exc:
+                raise refuse(f"messages.{i}.content", str(exc)) from None
+        out.append({"role": message.role, "content": content or ""})
+    return out
 
 
 def _top_dict(chosen_text: str, chosen: float, alternatives: tuple[Alt, ...], n: int) -> dict[str, float]:

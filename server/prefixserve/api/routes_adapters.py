@@ -10,8 +10,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
+from prefixserve.adapters.archive import read_upload
 from prefixserve.adapters.errors import AdapterTooLargeError
-from prefixserve.adapters.format import PeftAdapter, method_of, read_upload
+from prefixserve.adapters.format import PeftAdapter
 from prefixserve.adapters.ids import ADAPTER_ID_PATTERN, validate_adapter_id
 from prefixserve.adapters.store import AdapterInfo
 from prefixserve.api.errors import APIError
@@ -25,7 +26,11 @@ AdapterIdPath = Annotated[str, Path(json_schema_extra={"pattern": f"^{ADAPTER_ID
 
 
 class AdapterSummary(BaseModel):
-    id: str
+    """An adapter as the API shows it: read from the store's `AdapterInfo` by attribute, plus `loaded`."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(validation_alias="adapter_id")
     peft_type: str
     method: str = Field(description="prefix-tuning, cartridge, prompt-tuning or p-tuning")
     num_virtual_tokens: int
@@ -33,7 +38,7 @@ class AdapterSummary(BaseModel):
     size_bytes: int
     created_at: float
     updated_at: float
-    loaded: bool
+    loaded: bool = Field(False, description="Whether it is in this replica's device registry now.")
     base_model_name_or_path: str | None = None
     prefix_projection: bool | None = None
 
@@ -57,19 +62,7 @@ def _read_files(files: list[StarletteUploadFile], max_bytes: int) -> list[tuple[
 
 
 def _summary(info: AdapterInfo, loaded: bool) -> AdapterSummary:
-    return AdapterSummary(
-        id=info.adapter_id,
-        peft_type=info.peft_type,
-        method=method_of(info.peft_type),
-        num_virtual_tokens=info.num_virtual_tokens,
-        sha256=info.sha256,
-        size_bytes=info.size_bytes,
-        created_at=info.created_at,
-        updated_at=info.updated_at,
-        loaded=loaded,
-        base_model_name_or_path=info.config.get("base_model_name_or_path"),
-        prefix_projection=info.config.get("prefix_projection"),
-    )
+    return AdapterSummary.model_validate(info).model_copy(update={"loaded": loaded})
 
 
 class FromTextRequest(BaseModel):
@@ -136,13 +129,7 @@ async def _store(request: Request, adapter_id: str, response: Response) -> Adapt
     adapter = await _adapter_from_request(request)
     info, created = await run_in_threadpool(state.registry.put, state.namespace(request), adapter_id, adapter)
     response.status_code = 201 if created else 200
-    return AdapterCreated(
-        id=adapter_id,
-        method=method_of(info.peft_type),
-        num_virtual_tokens=info.num_virtual_tokens,
-        sha256=info.sha256,
-        size_bytes=info.size_bytes,
-    )
+    return AdapterCreated.model_validate(info)
 
 
 _REPLACED = {200: {"model": AdapterCreated, "description": "Replaced an adapter of this id"}}

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
@@ -18,8 +19,8 @@ from prefixserve.api.errors import APIError
 from prefixserve.api.generation import Collected, collect, events, start
 from prefixserve.api.openai_params import (
     chat_logprobs,
+    chat_messages,
     completion_logprobs,
-    openai_names,
     refuse,
     sampling_params,
 )
@@ -35,10 +36,8 @@ from prefixserve.api.openai_schemas import (
     PromptTokensDetails,
     Usage,
 )
-from prefixserve.api.schemas import check_text
-from prefixserve.engine.errors import RequestValidationError
+from prefixserve.api.streams import RequestStream
 from prefixserve.engine.sequence import FinishReason, SamplingParams, TokenEvent
-from prefixserve.engine.streams import RequestStream
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -67,11 +66,9 @@ async def _start_all(
             for i in range(n):
                 seeded = replace(params, seed=params.seed + i) if params.seed is not None else params
                 streams.append(await start(request, prompt_ids, model, seeded, cache_salt))
-    except BaseException as exc:
+    except BaseException:
         for stream in streams:
             stream.cancel()
-        if isinstance(exc, RequestValidationError):  # the engine's names, as OpenAI's clients know them
-            raise APIError(422, openai_names(str(exc)), "validation") from exc
         raise
     return streams
 
@@ -118,6 +115,24 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+def _usage_options(body: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """A stream's usage reporting: (a last chunk with the whole usage, usage in every chunk too)."""
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    return include_usage, include_usage and bool(options and options.continuous_usage_stats)
+
+
+async def _events_then_done(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's chunks, then `[DONE]`; an error mid-stream becomes one error event, in OpenAI's shape."""
+    try:
+        async with aclosing(chunks):  # a client gone: the chunks' generator ends now, cancelling its requests
+            async for chunk in chunks:
+                yield chunk
+        yield _sse("[DONE]")
+    except APIError as exc:
+        yield _sse(json.dumps({"error": {"message": exc.message, "type": exc.error_type}}))
+
+
 def _usage(prompts: list[list[int]], generated: int, streams: list[RequestStream] = ()) -> Usage:
     """Token counts; with several prompts or choices, `generated` counts them all. `cached_tokens`: the first
     choice's of each prompt (`streams` holds n choices per prompt, in order)."""
@@ -146,8 +161,6 @@ async def completions(body: CompletionRequest, request: Request):
     for field, bad in (("best_of", (body.best_of or 1) > 1), ("suffix", body.suffix)):
         if bad:
             raise refuse(field, "not supported")
-    if body.max_tokens == 0 and not body.echo:
-        raise refuse("max_tokens", "must be at least 1 (0 is allowed with echo: true, to score the prompt)")
     prompts = await _prompts(state, body.prompt)
     if not prompts:
         raise refuse("prompt", "must not be an empty list")
@@ -160,7 +173,9 @@ async def completions(body: CompletionRequest, request: Request):
     choice_prompt = [i // body.n for i in range(len(streams))]  # which prompt each choice continues
     if body.stream:
         return StreamingResponse(
-            _stream_completions(streams, prompts, choice_prompt, echoes, rid, created, model, body),
+            _events_then_done(
+                _stream_completions(streams, prompts, choice_prompt, echoes, rid, created, model, body)
+            ),
             media_type="text/event-stream",
         )
     results = await _collect_all(streams, request)
@@ -208,9 +223,7 @@ async def _stream_completions(
     model: str,
     body: CompletionRequest,
 ) -> AsyncIterator[str]:
-    options = body.stream_options
-    include_usage = bool(options and options.include_usage)
-    continuous = include_usage and bool(options and options.continuous_usage_stats)
+    include_usage, continuous = _usage_options(body)
     generated = 0
     echoed: set[int] = set()
     offsets = [0] * len(streams)
@@ -222,30 +235,26 @@ async def _stream_completions(
             )
         )
 
-    try:
-        async for index, event in _merged(streams):
-            generated += event.token_id >= 0
-            text, logprobs = event.text_delta, None
-            prompt_part = event.prompt if index not in echoed and body.echo else ()
-            if echoes is not None and index not in echoed:  # the prompt goes first, with the first event
-                echoed.add(index)
-                text = echoes[choice_prompt[index]] + text
-            if body.logprobs is not None:
-                tokens = [event] if event.token_id >= 0 else []
-                if tokens or prompt_part:
-                    logprobs = completion_logprobs(tokens, body.logprobs, prompt_part or (), offsets[index])
-            offsets[index] += len(text)
-            if not text and logprobs is None and event.finish_reason is None:
-                continue
-            choice = CompletionChoice(
-                index=index, text=text, finish_reason=_finish(event.finish_reason), logprobs=logprobs
-            )
-            yield chunk([choice], _usage([prompts[choice_prompt[index]]], generated) if continuous else None)
-        if include_usage:
-            yield chunk([], _usage(prompts, generated, streams))
-        yield _sse("[DONE]")
-    except APIError as exc:
-        yield _sse(json.dumps({"error": {"message": exc.message, "type": exc.error_type}}))
+    async for index, event in _merged(streams):
+        generated += event.token_id >= 0
+        text, logprobs = event.text_delta, None
+        prompt_part = event.prompt if index not in echoed and body.echo else ()
+        if echoes is not None and index not in echoed:  # the prompt goes first, with the first event
+            echoed.add(index)
+            text = echoes[choice_prompt[index]] + text
+        if body.logprobs is not None:
+            tokens = [event] if event.token_id >= 0 else []
+            if tokens or prompt_part:
+                logprobs = completion_logprobs(tokens, body.logprobs, prompt_part or (), offsets[index])
+        offsets[index] += len(text)
+        if not text and logprobs is None and event.finish_reason is None:
+            continue
+        choice = CompletionChoice(
+            index=index, text=text, finish_reason=_finish(event.finish_reason), logprobs=logprobs
+        )
+        yield chunk([choice], _usage([prompts[choice_prompt[index]]], generated) if continuous else None)
+    if include_usage:
+        yield chunk([], _usage(prompts, generated, streams))
 
 
 # ----- /v1/chat/completions ------------------------------------------------------------------------------------
@@ -266,16 +275,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     chars = sum(len(m["content"]) for m in messages)
     state.check_chars(chars, state.engine.limits.max_input_tokens, "messages (all contents together)")
     prompt = await run_in_threadpool(state.encode_chat, messages)
-    max_new = (
-        body.max_completion_tokens or body.max_tokens
-    )  # None: the server's default, within the room left
+    max_new = body.max_completion_tokens or body.max_tokens  # None: the server's default
     n_top = (body.top_logprobs or 0) if body.logprobs else 0
     params = sampling_params(body, max_new, n_top)
     streams = await _start_all(request, [prompt], body.model, params, body.n, body.cache_salt)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     if body.stream:
         return StreamingResponse(
-            _stream_chat(streams, [prompt], rid, created, model, body), media_type="text/event-stream"
+            _events_then_done(_stream_chat(streams, [prompt], rid, created, model, body)),
+            media_type="text/event-stream",
         )
     results = await _collect_all(streams, request)
     choices = [
@@ -291,23 +299,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return ChatCompletion(id=rid, created=created, model=model, choices=choices, usage=usage)
 
 
-def chat_messages(messages: list) -> list[dict[str, str]]:
-    """Messages for the chat template: text parts joined; other parts are refused by position."""
-    out = []
-    for i, message in enumerate(messages):
-        content = message.content
-        if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise refuse(f"messages.{i}.content", "only text parts are supported")
-            content = "".join(str(part.get("text", "")) for part in content)
-            try:
-                check_text(content)
-            except ValueError as exc:
-                raise refuse(f"messages.{i}.content", str(exc)) from None
-        out.append({"role": message.role, "content": content or ""})
-    return out
-
-
 async def _stream_chat(
     streams: list[RequestStream],
     prompts: list[list[int]],
@@ -316,9 +307,7 @@ async def _stream_chat(
     model: str,
     body: ChatCompletionRequest,
 ) -> AsyncIterator[str]:
-    options = body.stream_options
-    include_usage = bool(options and options.include_usage)
-    continuous = include_usage and bool(options and options.continuous_usage_stats)
+    include_usage, continuous = _usage_options(body)
     n_top = (body.top_logprobs or 0) if body.logprobs else 0
     generated = 0
 
@@ -337,27 +326,23 @@ async def _stream_chat(
     def running_usage() -> Usage | None:
         return _usage(prompts, generated) if continuous else None
 
-    try:
-        for i in range(len(streams)):
-            delta = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            yield chunk([delta], running_usage())
-        async for index, event in _merged(streams):
-            generated += event.token_id >= 0
-            logprobs = None
-            if body.logprobs and event.token_id >= 0:
-                logprobs = {"content": [e.model_dump() for e in chat_logprobs([event], n_top)]}
-            if event.text_delta or logprobs is not None:
-                choice = {"index": index, "delta": {"content": event.text_delta}, "finish_reason": None}
-                if logprobs is not None:
-                    choice["logprobs"] = logprobs
-                yield chunk([choice], running_usage())
-            if event.finish_reason is not None:
-                yield chunk(
-                    [{"index": index, "delta": {}, "finish_reason": _finish(event.finish_reason)}],
-                    running_usage(),
-                )
-        if include_usage:
-            yield chunk([], _usage(prompts, generated, streams))
-        yield _sse("[DONE]")
-    except APIError as exc:
-        yield _sse(json.dumps({"error": {"message": exc.message, "type": exc.error_type}}))
+    for i in range(len(streams)):
+        delta = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield chunk([delta], running_usage())
+    async for index, event in _merged(streams):
+        generated += event.token_id >= 0
+        logprobs = None
+        if body.logprobs and event.token_id >= 0:
+            logprobs = {"content": [e.model_dump() for e in chat_logprobs([event], n_top)]}
+        if event.text_delta or logprobs is not None:
+            choice = {"index": index, "delta": {"content": event.text_delta}, "finish_reason": None}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+            yield chunk([choice], running_usage())
+        if event.finish_reason is not None:
+            yield chunk(
+                [{"index": index, "delta": {}, "finish_reason": _finish(event.finish_reason)}],
+                running_usage(),
+            )
+    if include_usage:
+        yield chunk([], _usage(prompts, generated, streams))

@@ -9,10 +9,9 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from prefixserve.adapters.errors import AdapterNotFoundError
-from prefixserve.adapters.format import method_of
 from prefixserve.api.errors import APIError
 from prefixserve.api.generation import adapter_ref
-from prefixserve.api.openai_params import refuse
+from prefixserve.api.openai_params import chat_messages, refuse
 from prefixserve.api.openai_schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -21,7 +20,6 @@ from prefixserve.api.openai_schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from prefixserve.api.routes_openai import chat_messages
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -43,7 +41,7 @@ def _adapter_card(state, tenant: str, info) -> ModelCard:
         root=info.adapter_id,
         parent=state.model_name,
         max_model_len=state.max_model_len - info.num_virtual_tokens,
-        method=method_of(info.peft_type),
+        method=info.method,
         num_virtual_tokens=info.num_virtual_tokens,
     )
 

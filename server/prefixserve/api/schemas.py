@@ -204,7 +204,11 @@ class StreamResponse(BaseModel):
 
 
 class AdapterCreated(BaseModel):
-    id: str
+    """What an upload stored, read from the store's `AdapterInfo` by attribute."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(validation_alias="adapter_id")
     method: str  # prefix-tuning, cartridge, prompt-tuning or p-tuning
     num_virtual_tokens: int
     sha256: str

@@ -29,8 +29,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefixserve import __version__
-from prefixserve.adapters.ids import COMPOSE_SEPARATOR
-from prefixserve.engine.engine import AdapterRef
+from prefixserve.adapters.ids import COMPOSE_SEPARATOR, AdapterRef
 from prefixserve.engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from prefixserve.adapters.format import PeftAdapter, kv_to_embeddings
+from prefixserve.adapters.format import PeftAdapter
+from prefixserve.adapters.kv_prefix import kv_to_embeddings
 from prefixserve.engine.errors import RequestValidationError
 from prefixserve.engine.hf_cache import base_model_kv
 from prefixserve.engine.model_loader import LoadedModel

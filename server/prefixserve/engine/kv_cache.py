@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prefixserve.adapters.format import KVShape
+from prefixserve.adapters.kv_prefix import KVShape
 
 
 def bytes_per_token(shape: KVShape, dtype: torch.dtype) -> int:

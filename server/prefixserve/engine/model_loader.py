@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers import PreTrainedTokenizerBase as Tokenizer
 from transformers.utils import logging as hf_logging
 
-from prefixserve.adapters.format import KVShape
+from prefixserve.adapters.kv_prefix import KVShape
 from prefixserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
 from prefixserve.engine.packed_linear import pack_linears, packing_available

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from prefixserve.adapters.registry import LoadedPrefix
+from prefixserve.adapters.kv_prefix import LoadedPrefix
 from prefixserve.engine.block_manager import BlockManager, blocks_for
 from prefixserve.engine.errors import QueueFullError
 from prefixserve.engine.fair_queue import FairQueue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prefixserve.adapters.registry import LoadedPrefix
+from prefixserve.adapters.kv_prefix import LoadedPrefix
 from prefixserve.engine.block_manager import BlockManager
 from prefixserve.engine.errors import UnsupportedModelError
 from prefixserve.engine.hf_cache import cache_kwargs, prefilled_cache

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefixserve.adapters.registry import LoadedPrefix
+from prefixserve.adapters.kv_prefix import LoadedPrefix
 from prefixserve.engine.block_manager import RowBlocks
 from prefixserve.engine.detokenizer import OutputText
 from prefixserve.engine.structured_output import Constraint

@@ -1,0 +1,188 @@
+"""The command line as a new user meets it (issue 12): help that is quick to get and readable at 80 and
+120 columns, one clear line (and a non-zero exit) for each way `serve` can fail to start, checked before
+torch is imported and the model loaded; a cached hub model served when the hub is unreachable."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from prefixserve.config import SECTIONS, Settings
+from prefixserve.demo import DEMO_MODEL_DIR
+from prefixserve.training.cli import train_command
+from tests.paths import REPO_ROOT
+from tests.server_process import ServerProcess, free_port
+
+# Runs the real `prefixserve` command in a fresh interpreter and records, as it exits, whether torch was
+# ever imported: help and start-up refusals must not pay torch's several-second import.
+CLI = """
+import os, sys
+sys.argv = ["prefixserve", *sys.argv[1:]]
+from prefixserve.cli import main
+try:
+    main()
+finally:
+    with open(os.environ["TORCH_MARK"], "w") as f:
+        f.write(str("torch" in sys.modules))
+"""
+
+
+def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None, columns: int = 80):
+    mark = tmp_path / "torch-imported"
+    full_env = {**os.environ, "COLUMNS": str(columns), "TORCH_MARK": str(mark), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", CLI, *args], capture_output=True, text=True, env=full_env, timeout=120
+    )
+    return result, mark.read_text() == "True"
+
+
+def test_serve_help_is_readable_complete_and_does_not_import_torch(tmp_path):
+    for columns in (80, 120):
+        result, torch_imported = run_cli(tmp_path, "serve", "--help", columns=columns)
+        assert result.returncode == 0, result.stderr
+        assert not torch_imported
+        text = result.stdout
+        assert "null" not in text and "{str" not in text and "{int" not in text
+        assert max(len(line) for line in text.splitlines()) <= columns
+        for name in Settings.model_fields:
+            assert f"--{name.replace('_', '-')}" in text
+            assert f"[PREFIXSERVE_{name.upper()}]" in " ".join(text.split())
+        assert "Default: 128." in " ".join(text.split())  # --max-batch-size
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max-batchsize", "8"], "unknown flag --max-batchsize (did you mean --max-batch-size?)"),
+        (["--bogus"], "unknown flag --bogus"),
+        (["--port"], "argument --port: expected one argument"),
+    ],
+)
+def test_a_bad_serve_flag_is_one_line_in_the_help_s_words(tmp_path, args, expected):
+    result, torch_imported = run_cli(tmp_path, "serve", *args)
+    assert result.returncode == 2 and not torch_imported
+    assert result.stderr.strip().splitlines() == [
+        f"prefixserve serve: {expected}"
+        + ("" if expected.endswith(";") else ";")
+        + " `prefixserve serve --help` lists every setting"
+    ]
+    assert "usage:" not in result.stderr and "{str" not in result.stderr and "null" not in result.stderr
+
+
+def test_every_setting_is_in_one_help_section():
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert sorted(listed) == sorted(Settings.model_fields)
+
+
+def test_train_help_shows_every_option_name_in_full_at_80_and_120_columns(tmp_path):
+    flags = [f"--{name.replace('_', '-')}" for name in inspect.signature(train_command).parameters]
+    for columns in (80, 120):
+        result, torch_imported = run_cli(tmp_path, "train", "--help", columns=columns)
+        assert result.returncode == 0, result.stderr
+        assert not torch_imported
+        assert "…" not in result.stdout
+        assert max(len(line) for line in result.stdout.splitlines()) <= columns
+        for flag in flags:
+            assert re.search(rf"(^|\s){flag}(\s|$)", result.stdout, re.M), f"{flag} missing at {columns}"
+        assert "--no-prefix-projection" in result.stdout
+
+
+@pytest.fixture
+def offline_hub(tmp_path):
+    """An empty Hugging Face cache and a hub endpoint that refuses connections."""
+    return {"HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+
+
+def _adapter_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "my-adapter"
+    shutil.copytree(REPO_ROOT / "adapters" / "pirate", target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (lambda tmp: str(tmp / "no" / "such" / "dir"), "no such directory"),
+        (
+            lambda tmp: str(_adapter_copy(tmp)),
+            "is a PEFT adapter directory, not a base model: serve its base model (--model tiny) and upload "
+            "the adapter with: curl -X PUT http://127.0.0.1:{port}/v1/adapters/my-adapter",
+        ),
+        (lambda tmp: str(REPO_ROOT / "README.md"), "is a file"),
+        (lambda tmp: str(REPO_ROOT / "docs"), "has no config.json"),
+        (lambda tmp: "bad..id", "neither a local directory nor a valid Hugging Face hub id"),
+        (lambda tmp: "gpt2", "not in the local Hugging Face cache"),
+    ],
+    ids=["missing-dir", "adapter-dir", "file", "not-a-model-dir", "bad-hub-id", "hub-offline-uncached"],
+)
+def test_a_model_that_cannot_load_is_one_line_and_a_non_zero_exit(tmp_path, offline_hub, model, expected):
+    port = free_port()
+    result, torch_imported = run_cli(
+        tmp_path, "serve", "--model", model(tmp_path), "--port", str(port), env=offline_hub
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert len(output.splitlines()) == 1, output
+    assert output.startswith("prefixserve: --model ")
+    assert expected.format(port=port) in output
+    assert not torch_imported  # refused before the import (and the load) that took seconds
+
+
+def test_hub_offline_message_says_why_and_where_the_cache_is(tmp_path, offline_hub):
+    result, _ = run_cli(tmp_path, "serve", "--model", "gpt2", "--port", str(free_port()), env=offline_hub)
+    assert f"{offline_hub['HF_ENDPOINT']} is unreachable" in result.stderr
+    assert str(Path(offline_hub["HF_HOME"]) / "hub") in result.stderr
+
+
+def test_a_busy_port_is_found_before_the_model_loads(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result, torch_imported = run_cli(tmp_path, "serve", "--port", str(port))
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert output.splitlines() == [
+        f"prefixserve: port {port} on 127.0.0.1 is already in use (another prefixserve?): stop that "
+        "process, or pass --port N (PREFIXSERVE_PORT) for another port"
+    ]
+    assert not torch_imported
+
+
+def _cache_as_hub_model(hf_home: Path, repo_id: str) -> None:
+    """Put the demo model in a Hugging Face cache as `hf download` would have left it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(DEMO_MODEL_DIR, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.slow
+def test_a_cached_hub_model_is_served_when_the_hub_is_unreachable(tmp_path, offline_hub):
+    _cache_as_hub_model(Path(offline_hub["HF_HOME"]), "acme/tiny-cached")
+    server = ServerProcess(
+        ["--model", "acme/tiny-cached", "--adapter-dir", "store"],
+        tmp_path / "server.log",
+        env=offline_hub,
+        cwd=tmp_path,
+    )
+    try:
+        server.wait_healthy()
+        log = server.log()
+        assert "is unreachable" in log and "loading acme/tiny-cached from the local Hugging Face cache" in log
+        # The store's absolute path is logged, and that a relative --adapter-dir depends on the directory.
+        store = tmp_path.resolve() / "store"
+        assert f"adapter store: {store} (--adapter-dir is relative to the current directory)" in log
+        assert httpx.get(f"{server.url}/info").json()["model_id"] == "acme/tiny-cached"
+    finally:
+        server.stop()

@@ -1,0 +1,263 @@
+"""prefixserve against the oracle, PEFT: mixed-adapter batches give PEFT's tokens and logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixserve.adapters.format import read_adapter_dir
+from prefixserve.engine import model_runner, paged_attention
+from prefixserve.engine.self_check import run_rows
+from prefixserve.engine.sequence import SamplingParams, Sequence
+from tests.conftest import arch_params
+from tests.engine_harness import NAMESPACE, make_engine, run_until_idle, submit
+from tests.tiny_models import peft_generate, peft_last_logits
+
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "Once upon a time there was a small robot who loved to read books about the sea.",
+    "Thank you for contacting support.",
+]
+# (adapter or None for the base model, prompt): several adapters, several T, the base model, several lengths.
+MIXED = [
+    ("rand3", PROMPTS[0]),
+    ("rand8", PROMPTS[1]),
+    (None, PROMPTS[2]),
+    ("zero5", PROMPTS[3]),
+    ("proj4", PROMPTS[2]),
+    ("trained6", PROMPTS[0]),
+    ("rand8", PROMPTS[2]),
+]
+NEW_TOKENS = 12
+
+
+def check_batch_greedy(arch, base, adapters, store, plan, new_tokens=NEW_TOKENS) -> None:
+    """Every (adapter, prompt) of `plan` in one engine at once: each row gets PEFT's greedy tokens."""
+    engine = make_engine(base, store, adapters)
+    sinks = [submit(engine, prompt, name, max_new_tokens=new_tokens) for name, prompt in plan]
+    run_until_idle(engine)
+    for (name, prompt), sink in zip(plan, sinks, strict=True):
+        expected = peft_generate(base, adapters[name] if name else None, prompt, new_tokens)
+        assert sink.tokens == expected, f"{arch} adapter={name} prompt={prompt!r}"
+
+
+def check_prefill_logits(arch, base, adapters, store, plan, atol: float) -> None:
+    """Every row of `plan` prefilled in one step: its last logits within `atol` of PEFT's forward."""
+    engine = make_engine(base, store, adapters)
+    tok = engine.loaded.tokenizer
+    seqs = []
+    for name, prompt in plan:
+        prefix = engine.registry.get(NAMESPACE, (name,)) if name else None
+        seqs.append(Sequence(tok.encode(prompt), SamplingParams(), prefix, lambda e: None))
+    logits = run_rows(engine.runner, engine.scheduler.blocks, [(s, len(s.prompt_ids)) for s in seqs])
+    for (name, prompt), row in zip(plan, logits, strict=True):
+        expected = peft_last_logits(base, adapters[name] if name else None, prompt)
+        assert torch.allclose(row, expected, atol=atol, rtol=0), (
+            f"{arch} adapter={name}: max |dlogit| {(row - expected).abs().max():.2e}"
+        )
+
+
+@pytest.mark.parametrize("arch", arch_params())
+def test_mixed_batch_greedy_equals_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
+    check_batch_greedy(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED)
+
+
+@pytest.mark.parametrize("arch", arch_params())
+def test_mixed_batch_prefill_logits_match_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
+    check_prefill_logits(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED, 1e-4)
+
+
+def test_row_joining_a_running_batch_gets_the_same_tokens(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["llama"], adapter_dirs["llama"]
+    engine = make_engine(base, tmp_path / "store", adapters)
+    long_running = submit(engine, PROMPTS[2], "rand8", max_new_tokens=30)
+    for _ in range(5):
+        engine.step()
+    assert len(long_running.tokens) == 5
+    joiner = submit(engine, PROMPTS[0], "rand3", max_new_tokens=10)
+    engine.step()  # the joiner's prompt goes in within the same forward pass as the running row's token
+    assert len(joiner.tokens) == 1 and len(long_running.tokens) == 6
+    run_until_idle(engine)
+    assert joiner.tokens == peft_generate(base, adapters["rand3"], PROMPTS[0], 10)
+    assert long_running.tokens == peft_generate(base, adapters["rand8"], PROMPTS[2], 30)
+
+    alone = make_engine(base, tmp_path / "store2", adapters)
+    joiner_alone = submit(alone, PROMPTS[0], "rand3", max_new_tokens=10)
+    run_until_idle(alone)
+    assert joiner.tokens == joiner_alone.tokens
+
+
+def test_short_request_leaves_without_waiting_for_a_long_one(tiny_model_dirs, adapter_dirs, tmp_path):
+    engine = make_engine(tiny_model_dirs["gpt2"], tmp_path / "store", adapter_dirs["gpt2"])
+    long_one = submit(engine, PROMPTS[0], "rand3", max_new_tokens=60)
+    short = submit(engine, PROMPTS[1], "rand8", max_new_tokens=3)
+    steps = 0
+    while short.finish_reason is None:
+        engine.step()
+        steps += 1
+    assert steps <= 4 and long_one.finish_reason is None
+    assert engine.num_running == 1
+    run_until_idle(engine)
+    assert len(long_one.tokens) == 60
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["qwen2"], adapter_dirs["qwen2"]
+    params = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=1234)
+    engine = make_engine(base, tmp_path / "store", adapters)
+    first = submit(engine, PROMPTS[0], "rand8", **params)
+    run_until_idle(engine)
+    # Same seed again, this time sharing the batch with other rows (sampled and greedy).
+    second = submit(engine, PROMPTS[0], "rand8", **params)
+    submit(engine, PROMPTS[1], "rand3", **{**params, "seed": 99})
+    submit(engine, PROMPTS[2], None, max_new_tokens=16)
+    other_seed = submit(engine, PROMPTS[0], "rand8", **{**params, "seed": 4321})
+    run_until_idle(engine)
+    assert first.tokens == second.tokens
+    assert first.tokens != other_seed.tokens
+    greedy = peft_generate(base, adapters["rand8"], PROMPTS[0], 16)
+    assert first.tokens != greedy  # it really sampled
+
+
+def test_evicted_adapter_reloads_identically(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["gpt2"], adapter_dirs["gpt2"]
+    probe = make_engine(base, tmp_path / "probe")
+    rand8_bytes = probe.loaded.kv_shape.token_width * 8 * 4  # T=8, float32
+    # A budget for exactly one adapter of this size: loading a second evicts the first.
+    engine = make_engine(base, tmp_path / "store", adapters, cache_bytes=rand8_bytes)
+    registry = engine.registry
+    one = registry.get(NAMESPACE, ("rand8",))
+    assert one.nbytes == rand8_bytes
+    kv_before = one.kv.clone()
+    before = submit(engine, PROMPTS[0], "rand8", max_new_tokens=8)
+    run_until_idle(engine)
+    registry.get(NAMESPACE, ("rand3",))
+    assert not registry.is_loaded(NAMESPACE, "rand8")
+    again = registry.get(NAMESPACE, ("rand8",))
+    assert again is not one and torch.equal(again.kv, kv_before)
+    after = submit(engine, PROMPTS[0], "rand8", max_new_tokens=8)
+    run_until_idle(engine)
+    assert before.tokens == after.tokens == peft_generate(base, adapters["rand8"], PROMPTS[0], 8)
+
+
+@pytest.mark.parametrize("arch", arch_params("gpt2", "llama"))
+def test_rows_leaving_and_joining_at_different_steps_equal_peft(
+    arch, tiny_model_dirs, adapter_dirs, tmp_path
+):
+    """Rows finish at different steps (the last row is moved into each freed slot) while others join."""
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters, max_batch_size=4)
+    plan = [  # (step to submit at, adapter, prompt, max_new_tokens)
+        (0, "rand3", PROMPTS[0], 3),
+        (0, "rand8", PROMPTS[2], 12),
+        (0, None, PROMPTS[1], 1),
+        (0, "proj4", PROMPTS[3], 9),
+        (0, "trained6", PROMPTS[1], 7),  # waits for a free row
+        (2, "zero5", PROMPTS[2], 5),
+        (4, "rand8", PROMPTS[0], 10),
+    ]
+    sinks: list = [None] * len(plan)
+    step = 0
+    while step < 200 and (engine.scheduler.has_work() or any(s is None for s in sinks)):
+        for i, (at, name, prompt, n) in enumerate(plan):
+            if at == step:
+                sinks[i] = submit(engine, prompt, name, max_new_tokens=n)
+        engine.step()
+        step += 1
+    for (_, name, prompt, n), sink in zip(plan, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, n), (name, prompt)
+
+
+def test_replacing_an_adapter_mid_request_keeps_the_running_version(tiny_model_dirs, adapter_dirs, tmp_path):
+    base, adapters = tiny_model_dirs["llama"], adapter_dirs["llama"]
+    engine = make_engine(base, tmp_path / "store", {"live": adapters["rand8"]})
+    running = submit(engine, PROMPTS[0], "live", max_new_tokens=12)
+    for _ in range(4):
+        engine.step()
+    engine.registry.put(NAMESPACE, "live", read_adapter_dir(adapters["rand3"]))  # replaced under the request
+    after = submit(engine, PROMPTS[0], "live", max_new_tokens=12)
+    run_until_idle(engine)
+    assert running.tokens == peft_generate(base, adapters["rand8"], PROMPTS[0], 12)
+    assert after.tokens == peft_generate(base, adapters["rand3"], PROMPTS[0], 12)
+
+
+LONG_PROMPT = "The pirate captain raised the flag, and the crew sang loudly as the ship left the harbor."
+
+
+@pytest.mark.parametrize("arch", arch_params("gpt2", "llama"))
+def test_prompts_taken_in_chunks_equal_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
+    """A prefill budget of 3 tokens: every prompt goes in over several steps, in padded chunks."""
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters, max_prefill_tokens=3)
+    sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in MIXED]
+    run_until_idle(engine)
+    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS), name
+
+
+def test_a_long_prompt_goes_in_while_rows_decode(tiny_model_dirs, adapter_dirs, tmp_path):
+    """A running row takes a token at every step while long prompts go in chunk by chunk beside it, in the
+    same forward passes, and nobody's tokens change."""
+    base, adapters = tiny_model_dirs["llama"], adapter_dirs["llama"]
+    engine = make_engine(base, tmp_path / "store", adapters, max_batch_size=4, max_prefill_tokens=6)
+    first = submit(engine, PROMPTS[1], "rand3", max_new_tokens=40)
+    engine.step()
+    long_one = submit(engine, LONG_PROMPT, "rand8", max_new_tokens=8)
+    short = submit(engine, PROMPTS[1], None, max_new_tokens=30)
+    second_long = submit(engine, LONG_PROMPT, "proj4", max_new_tokens=8)
+    steps = 0
+    while not long_one.tokens:
+        before = len(first.tokens)
+        engine.step()
+        steps += 1
+        assert len(first.tokens) == before + 1, "the decoding row stalled behind a prompt"
+    assert steps >= 3, "the long prompt should have taken several chunks"
+    run_until_idle(engine)
+    assert first.tokens == peft_generate(base, adapters["rand3"], PROMPTS[1], 40)
+    assert long_one.tokens == peft_generate(base, adapters["rand8"], LONG_PROMPT, 8)
+    assert second_long.tokens == peft_generate(base, adapters["proj4"], LONG_PROMPT, 8)
+    assert short.tokens == peft_generate(base, None, PROMPTS[1], 30)
+
+
+@pytest.mark.parametrize("arch", arch_params("gpt2", "qwen2"))
+def test_rows_preempted_from_a_full_pool_are_recomputed_and_equal_peft(
+    arch, tiny_model_dirs, adapter_dirs, tmp_path
+):
+    """A pool too small for every row at once: the newest rows are pushed out and recomputed later, and
+    every request still gets PEFT's tokens."""
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    probe = make_engine(base, tmp_path / "probe", adapters)
+    block_mb = probe.pool.nbytes / probe.pool.num_blocks / 2**20
+    engine = make_engine(base, tmp_path / "store", adapters, kv_cache_mb=14 * block_mb, block_size=4)
+    sinks = [submit(engine, prompt, name, max_new_tokens=24) for name, prompt in MIXED]
+    run_until_idle(engine)
+    assert sum(s.seq.num_preemptions for s in sinks) > 0, "the pool never filled up"
+    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, 24), name
+
+
+@pytest.mark.parametrize("arch", arch_params())
+def test_rows_sharing_a_prefix_attend_it_once_and_equal_peft(
+    arch, tiny_model_dirs, adapter_dirs, tmp_path, monkeypatch
+):
+    """The cascade path (a prefix shared by several rows is attended once for all of them) is taken for long
+    prefixes only; with the threshold lowered, the tiny adapters take it, and every row is still PEFT's."""
+    monkeypatch.setattr(paged_attention, "CASCADE_MIN_PREFIX", 1)
+    cascaded = []
+    original = paged_attention.group_rows
+
+    def spy(rows, pool):
+        groups = original(rows, pool)
+        cascaded.extend(g for g in groups if g.prefix_index is not None)
+        return groups
+
+    monkeypatch.setattr(model_runner, "group_rows", spy)
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters)
+    shared = [("rand8", p) for p in PROMPTS] + [("proj4", p) for p in PROMPTS[:2]] + MIXED
+    sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in shared]
+    run_until_idle(engine)
+    assert cascaded, "no step attended a shared prefix once"
+    for (name, prompt), sink in zip(shared, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS), name
