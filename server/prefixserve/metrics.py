@@ -8,24 +8,26 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 # `method`: the adapter's kind (prefix-tuning, cartridge, prompt-tuning, p-tuning; a composition's parts' kind).
 ADAPTER_CACHE_HITS = Counter(
-    "prefixserve_adapter_cache_hits", "Adapter lookups served from device memory", ["method"]
+    "prefixserve_adapter_cache_hits",
+    "Adapter lookups served from the adapter cache (host memory, --adapter-cache-mb)",
+    ["method"],
 )
 ADAPTER_CACHE_MISSES = Counter(
     "prefixserve_adapter_cache_misses", "Adapter lookups that loaded from the store", ["method"]
 )
 ADAPTER_CACHE_EVICTIONS = Counter(
-    "prefixserve_adapter_cache_evictions", "Adapters evicted from device memory", ["method"]
+    "prefixserve_adapter_cache_evictions", "Adapters evicted from the adapter cache", ["method"]
 )
 ADAPTER_LOAD_SECONDS = Histogram(
     "prefixserve_adapter_load_seconds",
-    "Time to load an adapter from the store into device memory (prompt kinds: with the base model's pass over "
+    "Time to load an adapter from the store into the adapter cache (prompt kinds: with the base model's pass over "
     "their virtual tokens)",
     ["method"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
-ADAPTERS_LOADED = Gauge("prefixserve_adapters_loaded", "Adapters held in device memory", ["method"])
+ADAPTERS_LOADED = Gauge("prefixserve_adapters_loaded", "Adapters held in the adapter cache", ["method"])
 ADAPTER_CACHE_BYTES = Gauge(
-    "prefixserve_adapter_cache_bytes", "Bytes of adapter prefixes held in device memory"
+    "prefixserve_adapter_cache_bytes", "Bytes of adapter prefixes held in the adapter cache"
 )
 
 REQUEST_COUNT = Counter("prefixserve_request_count", "Generation requests finished", ["finish_reason"])

@@ -1,4 +1,5 @@
-"""The adapter registry: ready-to-use K/V prefixes on the device, LRU by bytes, over the durable store.
+"""The adapter registry: ready-to-use K/V prefixes in host memory (the KV pool holds the device copy of a running
+one), LRU by bytes, over the durable store.
 
 A running request keeps its own reference to the prefix it was admitted with, so evicting or replacing
 an adapter never frees memory under it; new requests get the new version. Each cached entry is checked
