@@ -63,6 +63,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PREFIXSERVE_PORT=8000 \
     PREFIXSERVE_JSON_LOGS=true
 
+# A C++ compiler: the native decode attention kernel (CPU serving) is built at the first start, for the CPU
+# it runs on, and cached under $HOME/.cache/prefixserve (--attention-backend; without one the portable path
+# serves, as logged). The compiler follows the base image's release, hence no version pin.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 prefixserve \
     && useradd --system --uid 10001 --gid prefixserve --create-home --home-dir /home/prefixserve \
        --shell /usr/sbin/nologin prefixserve \

@@ -28,6 +28,7 @@ from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
+from prefixserve.engine.native import decode_kernel
 from prefixserve.engine.sequence import SamplingParams
 from prefixserve.engine.virtual_tokens import virtual_token_materializer
 
@@ -103,7 +104,9 @@ def bench_peft_one_at_a_time(model_dir: Path, adapters: list[Path], prompts: tor
         return timed(run)
 
 
-def make_engine(model_dir: Path, store_dir: Path, adapters: list[Path], rows: int, length: int) -> LLMEngine:
+def make_engine(
+    model_dir: Path, store_dir: Path, adapters: list[Path], rows: int, length: int, attention: str = "auto"
+) -> LLMEngine:
     loaded = load_model(str(model_dir), "cpu", "float32", length)
     registry = AdapterRegistry(
         DirectoryStore(store_dir),
@@ -118,7 +121,10 @@ def make_engine(model_dir: Path, store_dir: Path, adapters: list[Path], rows: in
     )
     for i, path in enumerate(adapters):
         registry.put("default", f"a{i}", read_adapter_dir(path))
-    return LLMEngine(loaded, registry, EngineLimits(max_batch_size=rows, max_prefill_tokens=1 << 20))
+    limits = EngineLimits(max_batch_size=rows, max_prefill_tokens=1 << 20)
+    return LLMEngine(
+        loaded, registry, limits, paged_decode=decode_kernel(attention, loaded.device, loaded.dtype)
+    )
 
 
 def bench_engine(engine: LLMEngine, prompts: torch.Tensor, n_adapters: int, new: int) -> float:

@@ -28,6 +28,7 @@ from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
+from prefixserve.engine.native import decode_kernel
 from prefixserve.engine.sequence import SamplingParams
 from tests.server_process import upload_files
 
@@ -47,7 +48,8 @@ def direct(
     )
     for i, path in enumerate(adapters):
         registry.put("default", f"a{i}", read_adapter_dir(path))
-    engine = LLMEngine(loaded, registry, EngineLimits(max_queue_size=1024))
+    kernel = decode_kernel("auto", loaded.device, loaded.dtype)
+    engine = LLMEngine(loaded, registry, EngineLimits(max_queue_size=1024), paged_decode=kernel)
     engine.start()
     params = SamplingParams(max_new_tokens=32)
 

@@ -11,6 +11,7 @@ from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
+from prefixserve.engine.native import decode_kernel
 from prefixserve.engine.prefix_cache import CacheScope
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
 from prefixserve.engine.virtual_tokens import virtual_token_materializer
@@ -53,7 +54,9 @@ def make_engine(
     dtype: str = "float32",
     prefix_caching: bool = True,
     cache_scope: CacheScope = CacheScope.TENANT,
+    attention: str = "auto",
 ) -> LLMEngine:
+    """`attention`: --attention-backend (auto: the native decode kernel where it builds, as the server does)."""
     loaded = load_model(str(model_dir), "cpu", dtype, max_total_tokens)
     registry = AdapterRegistry(
         DirectoryStore(store_dir),
@@ -76,7 +79,14 @@ def make_engine(
         kv_cache_mb=kv_cache_mb,
         block_size=block_size,
     )
-    return LLMEngine(loaded, registry, limits, prefix_caching=prefix_caching, cache_scope=cache_scope)
+    return LLMEngine(
+        loaded,
+        registry,
+        limits,
+        prefix_caching=prefix_caching,
+        cache_scope=cache_scope,
+        paged_decode=decode_kernel(attention, loaded.device, loaded.dtype),
+    )
 
 
 def submit(

@@ -12,7 +12,7 @@ from prefixserve.adapters.locations import S3Location, parse_store_location
 
 # The sections of `prefixserve serve --help`, in order; tests check that every setting is in exactly one.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "model_name", "device", "dtype", "num_threads"),
+    "model": ("model", "model_name", "device", "dtype", "num_threads", "attention_backend"),
     "limits": (
         "max_batch_size",
         "kv_cache_mb",
@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     )
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's choice)."
+    )
+    attention_backend: Literal["auto", "native", "portable"] = Field(
+        "auto",
+        description="Decode attention: native = the C++ paged kernel (CPU, float32/bfloat16; built on first "
+        "start with the C++ compiler, cached in PREFIXSERVE_KERNEL_CACHE), portable = gather + matmul, auto = "
+        "native where it builds, else portable (logged).",
     )
 
     # Limits

@@ -15,6 +15,7 @@ from prefixserve.config import Settings
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import LoadedModel, load_model
+from prefixserve.engine.native import decode_kernel
 from prefixserve.engine.prefix_cache import CacheScope
 from prefixserve.engine.self_check import check_prefix_serving
 from prefixserve.engine.virtual_tokens import virtual_token_materializer
@@ -85,5 +86,6 @@ def build_runtime(settings: Settings) -> Runtime:
         limits,
         prefix_caching=settings.prefix_caching,
         cache_scope=CacheScope(settings.prefix_cache_scope),
+        paged_decode=decode_kernel(settings.attention_backend, loaded.device, loaded.dtype),
     )
     return Runtime(settings, loaded, store, registry, engine)

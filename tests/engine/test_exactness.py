@@ -32,9 +32,16 @@ MIXED = [
 NEW_TOKENS = 12
 
 
-def check_batch_greedy(arch, base, adapters, store, plan, new_tokens=NEW_TOKENS) -> None:
+# Decode attention's two paths: the native kernel (built here: a build failure fails these tests) and the
+# portable gather + matmul that serves where no compiler is.
+BACKENDS = pytest.mark.parametrize("attention", ["native", "portable"])
+
+
+def check_batch_greedy(
+    arch, base, adapters, store, plan, new_tokens=NEW_TOKENS, attention: str = "auto"
+) -> None:
     """Every (adapter, prompt) of `plan` in one engine at once: each row gets PEFT's greedy tokens."""
-    engine = make_engine(base, store, adapters)
+    engine = make_engine(base, store, adapters, attention=attention)
     sinks = [submit(engine, prompt, name, max_new_tokens=new_tokens) for name, prompt in plan]
     run_until_idle(engine)
     for (name, prompt), sink in zip(plan, sinks, strict=True):
@@ -58,9 +65,12 @@ def check_prefill_logits(arch, base, adapters, store, plan, atol: float) -> None
         )
 
 
+@BACKENDS
 @pytest.mark.parametrize("arch", arch_params())
-def test_mixed_batch_greedy_equals_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
-    check_batch_greedy(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED)
+def test_mixed_batch_greedy_equals_peft(arch, attention, tiny_model_dirs, adapter_dirs, tmp_path):
+    check_batch_greedy(
+        arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED, attention=attention
+    )
 
 
 @pytest.mark.parametrize("arch", arch_params())
@@ -141,13 +151,14 @@ def test_evicted_adapter_reloads_identically(tiny_model_dirs, adapter_dirs, tmp_
     assert before.tokens == after.tokens == peft_generate(base, adapters["rand8"], PROMPTS[0], 8)
 
 
+@BACKENDS
 @pytest.mark.parametrize("arch", arch_params("gpt2", "llama"))
 def test_rows_leaving_and_joining_at_different_steps_equal_peft(
-    arch, tiny_model_dirs, adapter_dirs, tmp_path
+    arch, attention, tiny_model_dirs, adapter_dirs, tmp_path
 ):
     """Rows finish at different steps (the last row is moved into each freed slot) while others join."""
     base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
-    engine = make_engine(base, tmp_path / "store", adapters, max_batch_size=4)
+    engine = make_engine(base, tmp_path / "store", adapters, max_batch_size=4, attention=attention)
     plan = [  # (step to submit at, adapter, prompt, max_new_tokens)
         (0, "rand3", PROMPTS[0], 3),
         (0, "rand8", PROMPTS[2], 12),
@@ -185,11 +196,12 @@ def test_replacing_an_adapter_mid_request_keeps_the_running_version(tiny_model_d
 LONG_PROMPT = "The pirate captain raised the flag, and the crew sang loudly as the ship left the harbor."
 
 
+@BACKENDS
 @pytest.mark.parametrize("arch", arch_params("gpt2", "llama"))
-def test_prompts_taken_in_chunks_equal_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
+def test_prompts_taken_in_chunks_equal_peft(arch, attention, tiny_model_dirs, adapter_dirs, tmp_path):
     """A prefill budget of 3 tokens: every prompt goes in over several steps, in padded chunks."""
     base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
-    engine = make_engine(base, tmp_path / "store", adapters, max_prefill_tokens=3)
+    engine = make_engine(base, tmp_path / "store", adapters, max_prefill_tokens=3, attention=attention)
     sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in MIXED]
     run_until_idle(engine)
     for (name, prompt), sink in zip(MIXED, sinks, strict=True):
@@ -220,16 +232,19 @@ def test_a_long_prompt_goes_in_while_rows_decode(tiny_model_dirs, adapter_dirs, 
     assert short.tokens == peft_generate(base, None, PROMPTS[1], 30)
 
 
+@BACKENDS
 @pytest.mark.parametrize("arch", arch_params("gpt2", "qwen2"))
 def test_rows_preempted_from_a_full_pool_are_recomputed_and_equal_peft(
-    arch, tiny_model_dirs, adapter_dirs, tmp_path
+    arch, attention, tiny_model_dirs, adapter_dirs, tmp_path
 ):
     """A pool too small for every row at once: the newest rows are pushed out and recomputed later, and
     every request still gets PEFT's tokens."""
     base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
     probe = make_engine(base, tmp_path / "probe", adapters)
     block_mb = probe.pool.nbytes / probe.pool.num_blocks / 2**20
-    engine = make_engine(base, tmp_path / "store", adapters, kv_cache_mb=14 * block_mb, block_size=4)
+    engine = make_engine(
+        base, tmp_path / "store", adapters, kv_cache_mb=14 * block_mb, block_size=4, attention=attention
+    )
     sinks = [submit(engine, prompt, name, max_new_tokens=24) for name, prompt in MIXED]
     run_until_idle(engine)
     assert sum(s.seq.num_preemptions for s in sinks) > 0, "the pool never filled up"
@@ -254,7 +269,7 @@ def test_rows_sharing_a_prefix_attend_it_once_and_equal_peft(
 
     monkeypatch.setattr(model_runner, "group_rows", spy)
     base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
-    engine = make_engine(base, tmp_path / "store", adapters)
+    engine = make_engine(base, tmp_path / "store", adapters, attention="portable")  # its grouping
     shared = [("rand8", p) for p in PROMPTS] + [("proj4", p) for p in PROMPTS[:2]] + MIXED
     sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in shared]
     run_until_idle(engine)

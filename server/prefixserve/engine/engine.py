@@ -10,6 +10,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -49,6 +50,7 @@ class LLMEngine:
         limits: EngineLimits,
         prefix_caching: bool = True,
         cache_scope: CacheScope = CacheScope.TENANT,
+        paged_decode: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.loaded = loaded
         self.registry = registry
@@ -61,7 +63,7 @@ class LLMEngine:
         self.pool = KVPool.sized(
             loaded.kv_shape, limits.kv_cache_mb, limits.block_size, loaded.dtype, loaded.device
         )
-        self.runner = ModelRunner(loaded.model, self.pool)
+        self.runner = ModelRunner(loaded.model, self.pool, paged_decode)
         self.scheduler = Scheduler(
             BlockManager(self.pool.num_blocks, self.pool.block_size),
             limits.max_batch_size,

@@ -10,13 +10,20 @@ log-probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
 from prefixserve.engine.kv_cache import KVPool
-from prefixserve.engine.paged_attention import BATCH_KWARG, AttentionBatch, RowAttention, group_rows
+from prefixserve.engine.paged_attention import (
+    BATCH_KWARG,
+    AttentionBatch,
+    RowAttention,
+    decode_rows,
+    group_rows,
+)
 from prefixserve.engine.scheduler import SchedulerOutput
 from prefixserve.engine.sequence import Sequence
 
@@ -37,9 +44,13 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, pool: KVPool) -> None:
+    def __init__(
+        self, model: PreTrainedModel, pool: KVPool, paged_decode: Callable[..., torch.Tensor] | None = None
+    ) -> None:
+        """`paged_decode`: the native kernel for decoding rows (native.py); None: every row is grouped."""
         self.model = model
         self.pool = pool
+        self.paged_decode = paged_decode
         self.device = pool.device
         # A ready 4-D mask makes transformers skip building one; paged attention does not read it.
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -73,7 +84,11 @@ class ModelRunner:
         for _, _, start, scored in prompt_at:
             logits_at += range(start, start + scored)
         tensor = self._tensor
-        batch = AttentionBatch(self.pool, tensor(slot_mapping), group_rows(attention, self.pool))
+        decoding = None
+        if self.paged_decode is not None and (single := [r for r in attention if r.query_len == 1]):
+            decoding = decode_rows(single, self.pool, self.paged_decode)
+            attention = [r for r in attention if r.query_len != 1]
+        batch = AttentionBatch(self.pool, tensor(slot_mapping), group_rows(attention, self.pool), decoding)
         logits = self.model(
             input_ids=tensor(ids)[None],
             position_ids=tensor(positions)[None],

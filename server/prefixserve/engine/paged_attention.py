@@ -10,6 +10,10 @@ gather from the pool and one SDPA call over [rows, heads, queries, context], mas
 as soon as its padded area would exceed its real work by a quarter, so a short row never pays for the batch's
 longest one; a batch of similar rows (the common decode step) is one group, one call per layer.
 
+Decoding rows (one query token each) go instead, where the native kernels are built (native.py), to one call
+of `paged_decode` per layer for all of them: it reads each row's slots in the pool in place, in the pool's
+dtype, with no gather, no cast and no padding (`DecodeRows`).
+
 Calls without a batch (from_text, the self-check's reference) fall through to transformers' SDPA, so the one
 loaded model serves both paths.
 """
@@ -143,12 +147,39 @@ def _build_group(rows: list[RowAttention], pool: KVPool, shared_prefix: list[int
 
 
 @dataclass
+class DecodeRows:
+    """Rows with one query each, attended by the native `paged_decode` straight from the pool."""
+
+    op: Callable[..., torch.Tensor]  # torch.ops.prefixserve.paged_decode
+    tokens: torch.Tensor  # [rows] the flat token of each row's query
+    slots: torch.Tensor  # [sum of contexts] each row's slots, its prefix's first, then its own
+    starts: torch.Tensor  # [rows + 1] where each row's slots begin
+
+
+def decode_rows(rows: list[RowAttention], pool: KVPool, op: Callable[..., torch.Tensor]) -> DecodeRows:
+    # Rows on one adapter next to each other: the threads that read a shared prefix find it in cache.
+    rows = sorted(rows, key=lambda r: r.prefix_slots[0] if r.prefix_slots else -1)
+    slots: list[int] = []
+    starts = [0]
+    for r in rows:
+        slots += r.prefix_slots
+        slots += r.own_slots
+        starts.append(len(slots))
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=pool.device)
+
+    return DecodeRows(op, tensor([r.query_start for r in rows]), tensor(slots), tensor(starts))
+
+
+@dataclass
 class AttentionBatch:
     """Where one step's tokens go and how rows attend; built once per step, used by every layer."""
 
     pool: KVPool
     slot_mapping: torch.Tensor  # [N] slot of each new token
     groups: list[RowGroup]
+    decode: DecodeRows | None = None
 
 
 def paged_attention(
@@ -179,6 +210,10 @@ def paged_attention(
     group = q_heads // kv_heads
     scale = scaling if scaling is not None else head_dim**-0.5
     out = torch.empty_like(q)
+    if (d := batch.decode) is not None:
+        rows_q = q.index_select(1, d.tokens).transpose(0, 1).contiguous()  # [rows, q_heads, head_dim]
+        o = d.op(rows_q.to(k_pool.dtype), k_pool, v_pool, d.slots, d.starts, scale)
+        out.index_copy_(1, d.tokens, o.transpose(0, 1).to(q.dtype))
     for g in batch.groups:
         # [kv_heads, rows, group * queries, head_dim]: the query heads that share a kv head, stacked
         qg = q.index_select(1, g.query_index).view(kv_heads, group, g.rows, g.queries, head_dim)

@@ -1,0 +1,115 @@
+"""Native CPU kernels (engine/csrc/): built on first use with torch's C++ extension tooling, cached per CPU and
+source, and loaded as torch ops (`torch.ops.prefixserve.*`).
+
+Where no compiler is present, the build fails or the CPU is not x86-64/arm64 Linux or macOS, `load_kernels`
+returns None with the reason, and the engine keeps its portable path (paged_attention.py's gather + matmul),
+logged at start-up: a missing compiler never fails a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from prefixserve.engine.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+SOURCES = (Path(__file__).parent / "csrc" / "paged_decode.cpp",)
+CACHE_ENV = "PREFIXSERVE_KERNEL_CACHE"  # where builds are kept; default ~/.cache/prefixserve/kernels
+
+
+@dataclass(frozen=True)
+class Kernels:
+    paged_decode: object  # torch.ops.prefixserve.paged_decode
+    build_dir: Path
+
+
+def _cpu_signature() -> str:
+    """What the build depends on: -march=native compiles for this CPU, so another CPU gets its own build."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    parts = [platform.machine(), flags, torch.__version__] + [p.read_text() for p in SOURCES]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@cache
+def load_kernels() -> tuple[Kernels | None, str]:
+    """(the kernels, how they were found) or (None, why not). Built once per CPU and source; later loads
+    take milliseconds."""
+    if platform.system() not in ("Linux", "Darwin"):
+        return None, f"no native kernels on {platform.system()}"
+    if _compiler() is None:
+        return None, "no C++ compiler found (install g++, or set CXX)"
+    try:
+        import ninja  # torch's extension builder runs the ninja binary from this package
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    except ImportError:
+        if shutil.which("ninja") is None:
+            return None, "no ninja build tool (pip install ninja)"
+    from torch.utils import cpp_extension
+
+    name = f"prefixserve_kernels_{_cpu_signature()}"
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prefixserve" / "kernels")
+    build_dir = root / name
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-DNDEBUG"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # a compiler that fails, a read-only cache: the portable path serves
+        return None, f"building the native kernels failed ({type(exc).__name__}: {str(exc)[-500:]})"
+    return Kernels(torch.ops.prefixserve.paged_decode, build_dir), f"built in {build_dir}"
+
+
+def decode_kernel(
+    backend: str, device: torch.device, dtype: torch.dtype
+) -> Callable[..., torch.Tensor] | None:
+    """The kernel for decoding rows that --attention-backend asks for (None: the portable path). `native`
+    where it cannot run is a start-up error; `auto` falls back, saying why."""
+    if backend == "portable":
+        log.info("attention: the portable path (gather + matmul), as --attention-backend asks")
+        return None
+    why_not, how, kernels = None, "", None
+    if device.type != "cpu":
+        why_not = f"the native kernels are CPU kernels, and the model is on {device.type}"
+    elif dtype not in (torch.float32, torch.bfloat16):
+        why_not = f"the native kernels support float32 and bfloat16, not {dtype}"
+    else:
+        kernels, how = load_kernels()
+        if kernels is None:
+            why_not = how
+    if kernels is None:
+        if backend == "native":
+            raise UnsupportedModelError(
+                f"--attention-backend native: {why_not}; use --attention-backend auto to fall back to the "
+                "portable path"
+            )
+        log.warning("attention: the portable path (gather + matmul), since %s", why_not)
+        return None
+    log.info("attention: the native paged decode kernel (%s)", how)
+    return kernels.paged_decode

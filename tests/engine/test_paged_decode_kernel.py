@@ -1,0 +1,117 @@
+"""The native paged decode kernel (engine/csrc/paged_decode.cpp) against attention written out in torch, and
+the choice between it and the portable path (engine/native.py).
+
+The kernel must build here: a machine without a C++ compiler fails these tests, it does not skip them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from prefixserve.engine import native
+from prefixserve.engine.errors import UnsupportedModelError
+
+
+@pytest.fixture(scope="module")
+def paged_decode():
+    kernels, how = native.load_kernels()
+    assert kernels is not None, f"the native kernels did not build: {how}"
+    return kernels.paged_decode
+
+
+def reference(q, k_pool, v_pool, contexts, scale):
+    """Each row's query heads over its slots, in fp32, with GQA by repeating K/V."""
+    out = []
+    group = q.shape[1] // k_pool.shape[0]
+    for row, slots in enumerate(contexts):
+        index = torch.tensor(slots)
+        k = k_pool[:, index].float().repeat_interleave(group, 0)  # [q_heads, L, d]
+        v = v_pool[:, index].float().repeat_interleave(group, 0)
+        weights = torch.softmax(q[row].float()[:, None] @ k.transpose(1, 2) * scale, dim=-1)
+        out.append((weights @ v)[:, 0])
+    return torch.stack(out)
+
+
+def flat(contexts):
+    slots = torch.tensor([s for c in contexts for s in c], dtype=torch.long)
+    starts = torch.tensor([0] + [len(c) for c in contexts], dtype=torch.long).cumsum(0)
+    return slots, starts
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim"), [(12, 12, 64), (14, 2, 64), (8, 4, 128), (4, 2, 40)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_attention_written_out(paged_decode, q_heads, kv_heads, head_dim, dtype):
+    """GQA and MHA, head sizes the kernel specializes (64, 128) and one it does not (40), rows of 1 to 300
+    slots, some sharing a prefix's slots (as rows on one adapter do), in both pool dtypes."""
+    gen = torch.Generator().manual_seed(q_heads * head_dim)
+    pool_slots = 2048
+    k_pool = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)
+    v_pool = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)
+    prefix = list(range(1000, 1020))
+    lengths = [1, 2, 17, 300, 64, 5, 128, 33]
+    contexts = [
+        (prefix if i % 2 else []) + torch.randperm(900, generator=gen)[:n].tolist()
+        for i, n in enumerate(lengths)
+    ]
+    q = torch.randn(len(contexts), q_heads, head_dim, generator=gen).to(dtype)
+    scale = head_dim**-0.5
+    got = paged_decode(q, k_pool, v_pool, *flat(contexts), scale)
+    want = reference(q, k_pool, v_pool, contexts, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    # fp32: the same sums in another order. bf16: the output rounded to bf16 (8 bits of mantissa).
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=atol, rtol=0), (got.float() - want).abs().max()
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows(paged_decode):
+    """Batch invariance: a row alone and in a batch of others gives the same bits."""
+    gen = torch.Generator().manual_seed(1)
+    k_pool, v_pool = torch.randn(2, 2, 512, 64, generator=gen).unbind(0)  # 2 kv heads, 14 query heads
+    contexts = [torch.randperm(512, generator=gen)[:n].tolist() for n in (40, 7, 200, 90)]
+    q = torch.randn(4, 14, 64, generator=gen)
+    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
+    together = paged_decode(q, k_pool, v_pool, *flat(contexts), 0.125)
+    for row, context in enumerate(contexts):
+        alone = paged_decode(q[row : row + 1].contiguous(), k_pool, v_pool, *flat([context]), 0.125)
+        assert torch.equal(alone[0], together[row])
+
+
+def test_bad_inputs_are_clear_errors_not_crashes(paged_decode):
+    k_pool = v_pool = torch.zeros(2, 16, 64)
+    slots, starts = flat([[0, 1]])
+    with pytest.raises(RuntimeError, match="one dtype"):
+        paged_decode(torch.zeros(1, 4, 64, dtype=torch.bfloat16), k_pool, v_pool, slots, starts, 1.0)
+    with pytest.raises(RuntimeError, match="head sizes"):
+        paged_decode(torch.zeros(1, 3, 64), k_pool, v_pool, slots, starts, 1.0)
+    with pytest.raises(RuntimeError, match="rows \\+ 1"):
+        paged_decode(torch.zeros(2, 4, 64), k_pool, v_pool, slots, starts, 1.0)
+    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+        half = torch.zeros(2, 16, 64, dtype=torch.float16)
+        paged_decode(torch.zeros(1, 4, 64, dtype=torch.float16), half, half, slots, starts, 1.0)
+
+
+def test_the_backend_setting_chooses_and_falls_back(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    assert native.decode_kernel("portable", cpu, torch.float32) is None
+    assert native.decode_kernel("native", cpu, torch.float32) is not None
+    assert native.decode_kernel("auto", cpu, torch.bfloat16) is not None
+    with pytest.raises(UnsupportedModelError, match="float32 and bfloat16, not torch.float16"):
+        native.decode_kernel("native", cpu, torch.float16)
+    # A machine without a C++ compiler (simulated: the lookup finds none): auto serves the portable path and
+    # says why at start-up; native refuses to start.
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.load_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="prefixserve.engine.native"):
+            assert native.decode_kernel("auto", cpu, torch.float32) is None
+        assert "no C++ compiler found" in caplog.text and "portable path" in caplog.text
+        with pytest.raises(
+            UnsupportedModelError, match="no C\\+\\+ compiler found.*--attention-backend auto"
+        ):
+            native.decode_kernel("native", cpu, torch.float32)
+    finally:
+        native.load_kernels.cache_clear()
