@@ -71,6 +71,10 @@ def load_kernels() -> tuple[Kernels | None, str]:
     name = f"prefixserve_kernels_{_cpu_signature()}"
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prefixserve" / "kernels")
     build_dir = root / name
+    if not (build_dir / f"{name}.so").exists():
+        log.info(
+            "building the native attention kernel for this CPU, once (about 25 s on 2 cores) in %s", build_dir
+        )
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
