@@ -56,3 +56,6 @@ fi
 "$python" -m pip check >/dev/null || { "$python" -m pip check >&2; exit 1; }
 "$python" -c 'import prefixserve, torch
 print("prefixserve", prefixserve.__version__, "with torch", torch.__version__, "(CUDA build)" if torch.version.cuda else "(CPU build)")'
+# The native attention kernel, built now for this CPU (about 25 s) rather than at the first `prefixserve serve`.
+# Without a C++ compiler the server serves the portable path (logged), so this never fails the install.
+"$python" -c 'from prefixserve.engine.native import load_kernels; print("native attention kernel:", load_kernels()[1])' || true

