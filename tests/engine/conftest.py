@@ -3,8 +3,29 @@ model loader, in this process, against the oracle, PEFT's forward pass, on tiny 
 architecture (tests/tiny_models.py) and the demo model; and what upstream (transformers, PEFT) does that the
 engine depends on. A test that needs HTTP goes in api/; one that trains, in training/.
 
-Fixtures: none of this layer's own; tiny_model_dirs and adapter_dirs come from tests/conftest.py.
+Fixtures: cascaded_groups (below); tiny_model_dirs and adapter_dirs come from tests/conftest.py.
 Mark `slow` what takes more than about 5 s (a server process, for instance): the quick run leaves it out.
 A check repeated on every architecture takes them from arch_params() (tests/conftest.py): the quick run
 runs the first, the full run all of them.
 """
+
+import pytest
+
+from prefixserve.engine import model_runner, paged_attention
+
+
+@pytest.fixture
+def cascaded_groups(monkeypatch) -> list:
+    """The cascade path (a shared prefix attended once for several rows) for the tiny adapters too (its
+    threshold lowered to 1): every cascade group the model runner builds is recorded in the list returned."""
+    monkeypatch.setattr(paged_attention, "CASCADE_MIN_PREFIX", 1)
+    cascaded: list = []
+    original = paged_attention.group_rows
+
+    def spy(rows, pool):
+        groups = original(rows, pool)
+        cascaded.extend(g for g in groups if g.prefix_index is not None)
+        return groups
+
+    monkeypatch.setattr(model_runner, "group_rows", spy)
+    return cascaded

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from prefixserve.adapters.format import read_adapter_dir
-from prefixserve.engine import model_runner, paged_attention
 from prefixserve.engine.self_check import run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from tests.conftest import arch_params
@@ -254,20 +253,11 @@ def test_rows_preempted_from_a_full_pool_are_recomputed_and_equal_peft(
 
 @pytest.mark.parametrize("arch", arch_params())
 def test_rows_sharing_a_prefix_attend_it_once_and_equal_peft(
-    arch, tiny_model_dirs, adapter_dirs, tmp_path, monkeypatch
+    arch, tiny_model_dirs, adapter_dirs, tmp_path, cascaded_groups
 ):
     """The cascade path (a prefix shared by several rows is attended once for all of them) is taken for long
     prefixes only; with the threshold lowered, the tiny adapters take it, and every row is still PEFT's."""
-    monkeypatch.setattr(paged_attention, "CASCADE_MIN_PREFIX", 1)
-    cascaded = []
-    original = paged_attention.group_rows
-
-    def spy(rows, pool):
-        groups = original(rows, pool)
-        cascaded.extend(g for g in groups if g.prefix_index is not None)
-        return groups
-
-    monkeypatch.setattr(model_runner, "group_rows", spy)
+    cascaded = cascaded_groups
     base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
     engine = make_engine(base, tmp_path / "store", adapters, attention="portable")  # its grouping
     shared = [("rand8", p) for p in PROMPTS] + [("proj4", p) for p in PROMPTS[:2]] + MIXED

@@ -9,7 +9,6 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from safetensors.torch import load_file
 
 from prefixserve.adapters.errors import InvalidAdapterError
-from prefixserve.engine import model_runner, paged_attention
 from prefixserve.engine.self_check import _max_delta, run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from tests.conftest import PROMPT_SPECS, arch_params
@@ -58,20 +57,11 @@ def test_each_method_reports_its_kind_and_length(tiny_model_dirs, adapter_dirs, 
 
 @pytest.mark.parametrize("arch", arch_params("gpt2", "qwen2"))
 def test_prompt_adapters_in_chunks_in_a_cascade_and_preempted_equal_peft(
-    arch, tiny_model_dirs, adapter_dirs, tmp_path, monkeypatch
+    arch, tiny_model_dirs, adapter_dirs, tmp_path, cascaded_groups
 ):
     """The engine's other paths, with prompt-learning rows: prompts in chunks of 3 tokens, a shared prefix
     attended once for several rows, and a pool so small that rows are pushed out and recomputed."""
-    monkeypatch.setattr(paged_attention, "CASCADE_MIN_PREFIX", 1)
-    cascaded = []
-    original = paged_attention.group_rows
-
-    def spy(rows, pool):
-        groups = original(rows, pool)
-        cascaded.extend(g for g in groups if g.prefix_index is not None)
-        return groups
-
-    monkeypatch.setattr(model_runner, "group_rows", spy)
+    cascaded = cascaded_groups
     base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
     plan = MIXED + [("plstm7", p) for p in PROMPTS]
     expected = [oracle(base, adapters, name, prompt, 16) for name, prompt in plan]

@@ -61,7 +61,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), row(d), scores;
+    std::vector<float> qf(group * d), acc(group * d), row(d), total(group), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = st[r], len = st[r + 1] - st[r];
@@ -77,7 +77,6 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
         for (int64_t g = 0; g < group; ++g) scores[g * len + j] = dot(qf.data() + g * d, k, d) * fscale;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> total(group);
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * len;
         float top = -std::numeric_limits<float>::infinity();
