@@ -15,9 +15,14 @@ from prefixserve.engine.errors import UnsupportedModelError
 
 
 @pytest.fixture(scope="module")
-def paged_decode():
+def kernels():
     kernels, how = native.load_kernels()
     assert kernels is not None, f"the native kernels did not build: {how}"
+    return kernels
+
+
+@pytest.fixture(scope="module")
+def paged_decode(kernels):
     return kernels.paged_decode
 
 
@@ -45,14 +50,14 @@ def flat(contexts):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_attention_written_out(paged_decode, q_heads, kv_heads, head_dim, dtype):
-    """GQA and MHA, head sizes the kernel specializes (64, 128) and one it does not (40), rows of 1 to 300
-    slots, some sharing a prefix's slots (as rows on one adapter do), in both pool dtypes."""
+    """GQA and MHA, head sizes the kernel specializes (64, 128) and one it does not (40), rows of 1 to 700
+    slots (across its 64-key tiles and vector widths), some sharing a prefix's slots (as rows on one adapter do), in both pool dtypes."""
     gen = torch.Generator().manual_seed(q_heads * head_dim)
     pool_slots = 2048
     k_pool = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)
     v_pool = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)
     prefix = list(range(1000, 1020))
-    lengths = [1, 2, 17, 300, 64, 5, 128, 33]
+    lengths = [1, 2, 17, 300, 64, 5, 128, 33, 65, 700]
     contexts = [
         (prefix if i % 2 else []) + torch.randperm(900, generator=gen)[:n].tolist()
         for i, n in enumerate(lengths)
@@ -78,6 +83,34 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(paged_decode):
     for row, context in enumerate(contexts):
         alone = paged_decode(q[row : row + 1].contiguous(), k_pool, v_pool, *flat([context]), 0.125)
         assert torch.equal(alone[0], together[row])
+
+
+def test_the_kernel_runs_on_torchs_threads_with_this_cpus_vectors(kernels):
+    """Built without OpenMP, at::parallel_for runs on one thread (the kernel was 3x slower for it, unnoticed);
+    linked to an OpenMP runtime of its own, it would ignore torch.set_num_threads. Neither may happen."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert f"threads={threads} " in kernels.build_info()
+    finally:
+        torch.set_num_threads(before)
+    flags = native.compile_flags(native._cpu_flags(), "Linux")
+    width = 16 if "-DCPU_CAPABILITY_AVX512" in flags else 8 if "-DCPU_CAPABILITY_AVX2" in flags else None
+    if width is not None:
+        assert kernels.build_info().endswith(f"vector_floats={width}")
+
+
+def test_compile_flags_follow_the_cpu():
+    assert "-DCPU_CAPABILITY_AVX512" in native.compile_flags(
+        {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}, "Linux"
+    )
+    assert "-DCPU_CAPABILITY_AVX2" in native.compile_flags({"avx2", "fma", "avx512f"}, "Linux")
+    plain = native.compile_flags(
+        {"asimd"}, "Darwin"
+    )  # arm64: at::vec's portable loops, no -fopenmp (Apple clang)
+    assert not [f for f in plain if "CPU_CAPABILITY" in f or "openmp" in f]
+    assert "-fopenmp" in native.compile_flags(set(), "Linux")
 
 
 def test_bad_inputs_are_clear_errors_not_crashes(paged_decode):

@@ -31,19 +31,37 @@ CACHE_ENV = "PREFIXSERVE_KERNEL_CACHE"  # where builds are kept; default ~/.cach
 class Kernels:
     paged_decode: object  # torch.ops.prefixserve.paged_decode
     build_dir: Path
+    build_info: object  # torch.ops.prefixserve.build_info: "threads=2 vector_floats=8"
 
 
-def _cpu_signature() -> str:
-    """What the build depends on: -march=native compiles for this CPU, so another CPU gets its own build."""
-    flags = ""
+def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
-                break
+                return set(line.partition(":")[2].split())
     except OSError:
         pass
-    parts = [platform.machine(), flags, torch.__version__] + [p.read_text() for p in SOURCES]
+    return set()
+
+
+def compile_flags(cpu_flags: set[str], system: str) -> list[str]:
+    """-march=native, OpenMP (at::parallel_for runs the kernel on one thread without it) where the compiler
+    has it, and the widest at::vec width this CPU runs (without one, at::vec is plain loops: correct, slower)."""
+    flags = ["-O3", "-march=native", "-DNDEBUG"]
+    if system == "Linux":
+        flags.append("-fopenmp")  # at run time the symbols bind to the libgomp torch has loaded already
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags:
+        flags.append("-DCPU_CAPABILITY_AVX512")
+    elif {"avx2", "fma"} <= cpu_flags:
+        flags.append("-DCPU_CAPABILITY_AVX2")
+    return flags
+
+
+def _build_signature(flags: list[str]) -> str:
+    """What the build depends on: -march=native compiles for this CPU, so another CPU gets its own build."""
+    cpu = sorted(_cpu_flags())
+    parts = [platform.machine(), " ".join(cpu), " ".join(flags), torch.__version__]
+    parts += [p.read_text() for p in SOURCES]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -68,7 +86,8 @@ def load_kernels() -> tuple[Kernels | None, str]:
             return None, "no ninja build tool (pip install ninja)"
     from torch.utils import cpp_extension
 
-    name = f"prefixserve_kernels_{_cpu_signature()}"
+    flags = compile_flags(_cpu_flags(), platform.system())
+    name = f"prefixserve_kernels_{_build_signature(flags)}"
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prefixserve" / "kernels")
     build_dir = root / name
     if not (build_dir / f"{name}.so").exists():
@@ -80,14 +99,16 @@ def load_kernels() -> tuple[Kernels | None, str]:
         cpp_extension.load(
             name=name,
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-DNDEBUG"],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
         )
     except Exception as exc:  # a compiler that fails, a read-only cache: the portable path serves
         return None, f"building the native kernels failed ({type(exc).__name__}: {str(exc)[-500:]})"
-    return Kernels(torch.ops.prefixserve.paged_decode, build_dir), f"built in {build_dir}"
+    ops = torch.ops.prefixserve
+    return Kernels(ops.paged_decode, build_dir, ops.build_info), f"built in {build_dir} ({ops.build_info()})"
 
 
 def decode_kernel(

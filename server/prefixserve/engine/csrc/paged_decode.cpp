@@ -1,21 +1,32 @@
 // Paged decode attention on the CPU: one query token per row, attending over that row's slots of the KV pool,
 // read in place in the pool's dtype (fp32 or bf16): no gather, no cast to a new tensor, no padding.
 //
-// Work is split over (row, kv head); each task handles the query heads that share its kv head (GQA without
-// repeating K/V), in fp32, with a fixed order of operations per row: a row's result does not depend on the
-// other rows of the step (batch-invariant), nor on the number of threads.
+// Work is split over (row, kv head) across torch's threads; each task handles the query heads that share its
+// kv head (GQA without repeating K/V), in fp32, in at::vec registers (AVX2 or AVX-512 where the build says so,
+// plain loops elsewhere), with a fixed order of operations per row: a row's result depends neither on the other
+// rows of the step (batch-invariant) nor on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
+constexpr int64_t TILE = 64;  // keys whose values are summed per pass: a tile of V stays in L1 for every query head
 
 // A pool row as fp32: fp32 rows are read where they are; bf16 ones are widened into `buf`.
 inline const float* as_float(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
@@ -32,20 +43,61 @@ inline const float* as_float(const c10::BFloat16* src, float* buf, int64_t n) {
   return buf;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
+}
+
+// q . k over d values; D: d when known at compile time (the loop unrolls fully), else 0.
+template <int64_t D>
+inline float dot(const float* q, const float* k, int64_t d) {
+  const int64_t n = D ? D : d, full = n - n % (2 * W);
+  Vec a0(0.f), a1(0.f);
+  for (int64_t i = 0; i < full; i += 2 * W) {
+    a0 = at::vec::fmadd(Vec::loadu(q + i), Vec::loadu(k + i), a0);
+    a1 = at::vec::fmadd(Vec::loadu(q + i + W), Vec::loadu(k + i + W), a1);
+  }
+  float acc = hsum(a0 + a1);
+  for (int64_t i = full; i < n; ++i) acc += q[i] * k[i];
   return acc;
 }
 
-inline void axpy(float w, const float* x, float* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+// out[0:d] += sum over the tile's keys t of p[t] * v_t.
+template <int64_t D>
+inline void weighted_sum(const float* p, const float* const* v, int64_t keys, float* out, int64_t d) {
+  const int64_t n = D ? D : d, full = n - n % W;
+  if constexpr (D > 0 && D % W == 0 && D / W <= 16) {
+    Vec acc[D / W];
+    for (int64_t c = 0; c < D / W; ++c) acc[c] = Vec::loadu(out + c * W);
+    for (int64_t t = 0; t < keys; ++t) {
+      const Vec w(p[t]);
+      for (int64_t c = 0; c < D / W; ++c) acc[c] = at::vec::fmadd(w, Vec::loadu(v[t] + c * W), acc[c]);
+    }
+    for (int64_t c = 0; c < D / W; ++c) acc[c].store(out + c * W);
+  } else {
+    for (int64_t t = 0; t < keys; ++t) {
+      const Vec w(p[t]);
+      for (int64_t i = 0; i < full; i += W)
+        at::vec::fmadd(w, Vec::loadu(v[t] + i), Vec::loadu(out + i)).store(out + i);
+      for (int64_t i = full; i < n; ++i) out[i] += p[t] * v[t][i];
+    }
+  }
+}
+
+// Turns scores[0:len] into exp(score - max) in place; returns their sum. `len` is padded to W with -inf.
+inline float exp_normalize(float* s, int64_t padded) {
+  Vec top(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < padded; j += W) top = at::vec::maximum(top, Vec::loadu(s + j));
+  const Vec m(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, top));
+  Vec sum(0.f);
+  for (int64_t j = 0; j < padded; j += W) {
+    const Vec e = (Vec::loadu(s + j) - m).exp();
+    e.store(s + j);
+    sum = sum + e;
+  }
+  return hsum(sum);
 }
 
 // q: [rows, q_heads, d]; k_pool, v_pool: [kv_heads, pool_slots, d]; slots: [total]; starts: [rows + 1].
-// D: the head size when known at compile time (then the inner loops unroll fully), or 0.
 template <typename T, int64_t D>
 void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& slots,
             const at::Tensor& starts, double scale, at::Tensor& out) {
@@ -59,38 +111,36 @@ void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
   const int64_t* st = starts.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
+  constexpr bool widen = !std::is_same_v<T, float>;
 
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), acc(group * d), row(d), total(group), scores;
+    std::vector<float> qf(group * d), acc(group * d), wide(widen ? TILE * d : 0), scores;
+    std::vector<const float*> tile(TILE);
+    std::vector<float> total(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
       const int64_t first = st[r], len = st[r + 1] - st[r];
-      scores.resize(group * len);
+      const int64_t padded = (len + W - 1) / W * W;
+      scores.assign(group * padded, -std::numeric_limits<float>::infinity());
       for (int64_t g = 0; g < group; ++g) {
-        const float* src = as_float(qp + (r * q_heads + h * group + g) * d, qf.data() + g * d, d);
-        std::copy(src, src + d, qf.data() + g * d);
+        float* dst = qf.data() + g * d;
+        const float* src = as_float(qp + (r * q_heads + h * group + g) * d, dst, d);
+        for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * fscale;
       }
       const T* kh = kp + h * pool_slots * d;
       const T* vh = vp + h * pool_slots * d;
       for (int64_t j = 0; j < len; ++j) {
-        const float* k = as_float(kh + sp[first + j] * d, row.data(), d);
-        for (int64_t g = 0; g < group; ++g) scores[g * len + j] = dot(qf.data() + g * d, k, d) * fscale;
+        const float* k = as_float(kh + sp[first + j] * d, wide.data(), d);
+        for (int64_t g = 0; g < group; ++g) scores[g * padded + j] = dot<D>(qf.data() + g * d, k, d);
       }
+      for (int64_t g = 0; g < group; ++g) total[g] = exp_normalize(scores.data() + g * padded, padded);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < len; ++j) top = std::max(top, s[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < len; ++j) {
-          s[j] = std::exp(s[j] - top);
-          sum += s[j];
-        }
-        total[g] = sum;
-      }
-      for (int64_t j = 0; j < len; ++j) {
-        const float* v = as_float(vh + sp[first + j] * d, row.data(), d);
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + j], v, acc.data() + g * d, d);
+      for (int64_t j0 = 0; j0 < len; j0 += TILE) {
+        const int64_t keys = std::min(TILE, len - j0);
+        for (int64_t t = 0; t < keys; ++t)
+          tile[t] = as_float(vh + sp[first + j0 + t] * d, wide.data() + (widen ? t * d : 0), d);
+        for (int64_t g = 0; g < group; ++g)
+          weighted_sum<D>(scores.data() + g * padded + j0, tile.data(), keys, acc.data() + g * d, d);
       }
       for (int64_t g = 0; g < group; ++g) {
         T* o = op + (r * q_heads + h * group + g) * d;
@@ -131,10 +181,23 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   return out;
 }
 
+// How this build came out: the threads at::parallel_for runs the kernel on now (1 where the build has no
+// OpenMP: the kernel would silently run on one thread; the tests check that it follows torch.set_num_threads,
+// which it does only when it shares torch's OpenMP runtime) and the floats per at::vec register.
+std::string build_info() {
+#ifdef _OPENMP
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  return "threads=" + std::to_string(threads) + " vector_floats=" + std::to_string(W);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(prefixserve, m) {
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slots, Tensor starts, float scale) -> Tensor");
+  m.def("build_info() -> str", &build_info);
 }
 
 TORCH_LIBRARY_IMPL(prefixserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
