@@ -5,7 +5,8 @@ Each client thread sends its next request as soon as its last one ends, choosing
 the end, streams dropped after a few events (an early disconnect), and now and then an adapter replaced by
 `PUT` from a text. Adapters: none, the three examples of `adapters/`, one composition, and one made from text.
 Reports requests by kind, failures other than 429 (with their first messages), tokens/s, p50/p99 latency of
-whole requests, and the server's resident memory after the warm-up, at the end, and at its peak.
+whole requests, and the server's resident memory after the warm-up, at a baseline (2 minutes in), each minute,
+at the end, and at its peak: a 30-minute soak must end within 5 % of its baseline.
 
     python -m bench.soak --clients 8 --seconds 600              # starts its own server (the demo model)
     python -m bench.soak --url http://127.0.0.1:8000 --pid 1234  # or an existing one (the pid for memory)
@@ -137,7 +138,7 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else float("nan")
 
 
-def soak(url: str, pid: int, clients: int, seconds: float) -> dict:
+def soak(url: str, pid: int, clients: int, seconds: float, baseline_seconds: float = 120) -> dict:
     process = psutil.Process(pid)
     setup_adapters(url)
     warm = Tally()  # a short warm-up, so the memory baseline includes what a loaded server holds anyway
@@ -155,8 +156,14 @@ def soak(url: str, pid: int, clients: int, seconds: float) -> dict:
     threads = [threading.Thread(target=client_loop, args=(url, i, deadline, tally)) for i in range(clients)]
     for t in threads:
         t.start()
+    baseline, series = None, []  # the resident set `baseline_seconds` in, and once a minute
     while any(t.is_alive() for t in threads):
-        peak = max(peak, process.memory_info().rss)
+        rss, now = process.memory_info().rss, time.monotonic() - start
+        peak = max(peak, rss)
+        if baseline is None and now >= min(baseline_seconds, seconds / 2):
+            baseline = rss
+        if now >= 60 * len(series):
+            series.append(round(rss / 2**20, 1))
         time.sleep(1)
     elapsed = time.monotonic() - start
     rss_after = process.memory_info().rss
@@ -176,6 +183,10 @@ def soak(url: str, pid: int, clients: int, seconds: float) -> dict:
         "rss_mb_before": round(rss_before / 2**20, 1),
         "rss_mb_after": round(rss_after / 2**20, 1),
         "rss_mb_peak": round(peak / 2**20, 1),
+        "rss_mb_at_baseline": round((baseline or rss_after) / 2**20, 1),
+        "baseline_s": min(baseline_seconds, seconds / 2),
+        "rss_end_over_baseline": round(rss_after / (baseline or rss_after), 3),
+        "rss_mb_each_minute": series,
         "batch_size_after": next(
             (
                 line.split()[-1]
@@ -194,6 +205,9 @@ def main() -> None:
     ap.add_argument("--url", help="an existing server (default: start one with the demo model)")
     ap.add_argument("--pid", type=int, help="the existing server's process id, for its memory")
     ap.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    ap.add_argument(
+        "--baseline-seconds", type=float, default=120, help="when the memory baseline is taken (or half-way)"
+    )
     args = ap.parse_args()
     server = None
     if args.url is None:
@@ -203,7 +217,7 @@ def main() -> None:
         url, pid = (args.url, args.pid) if server is None else (server.url, server.proc.pid)
         if pid is None:
             ap.error("--pid is needed with --url, to read the server's memory")
-        result = soak(url, pid, args.clients, args.seconds)
+        result = soak(url, pid, args.clients, args.seconds, args.baseline_seconds)
     finally:
         if server is not None:
             server.stop()
