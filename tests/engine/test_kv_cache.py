@@ -18,5 +18,7 @@ def test_the_pool_is_resident_from_the_start():
     pool = KVPool.sized(KVShape(4, 2, 64, 128), 256, 16, torch.float32, torch.device("cpu"))
     grown = process.memory_info().rss - before
     assert pool.nbytes > 250 * 2**20
-    assert grown >= 0.9 * pool.nbytes, f"{grown / 2**20:.0f} MB resident of a {pool.nbytes / 2**20:.0f} MB pool"
+    assert grown >= 0.9 * pool.nbytes, (
+        f"{grown / 2**20:.0f} MB resident of a {pool.nbytes / 2**20:.0f} MB pool"
+    )
     assert all(not t.any() for t in pool.keys[:1] + pool.values[:1])
