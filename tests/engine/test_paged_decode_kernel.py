@@ -39,10 +39,13 @@ def reference(q, k_pool, v_pool, contexts, scale):
     return torch.stack(out)
 
 
-def flat(contexts):
+def flat(contexts, groups=None, shared=None):
+    """The kernel's slot arguments; by default every row alone (groups of one, nothing shared)."""
     slots = torch.tensor([s for c in contexts for s in c], dtype=torch.long)
     starts = torch.tensor([0] + [len(c) for c in contexts], dtype=torch.long).cumsum(0)
-    return slots, starts
+    groups = list(range(len(contexts) + 1)) if groups is None else groups
+    shared = [0] * (len(groups) - 1) if shared is None else shared
+    return slots, starts, torch.tensor(groups, dtype=torch.long), torch.tensor(shared, dtype=torch.long)
 
 
 @pytest.mark.parametrize(
@@ -113,18 +116,54 @@ def test_compile_flags_follow_the_cpu():
     assert "-fopenmp" in native.compile_flags(set(), "Linux")
 
 
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim"), [(12, 12, 64), (14, 2, 64), (8, 4, 128), (4, 2, 40)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_that_share_leading_slots_read_them_once_with_the_same_bits(
+    paged_decode, q_heads, kv_heads, head_dim, dtype
+):
+    """Rows whose contexts begin with the same slots (one adapter and one cached system prompt) in a group:
+    the shared slots are read once for the group, and every row's result is bit for bit what it is alone."""
+    gen = torch.Generator().manual_seed(head_dim + kv_heads)
+    k_pool = torch.randn(kv_heads, 4096, head_dim, generator=gen).to(dtype)
+    v_pool = torch.randn(kv_heads, 4096, head_dim, generator=gen).to(dtype)
+    system = torch.randperm(1000, generator=gen)[:400].tolist()  # cached blocks, anywhere in the pool
+    others = iter(torch.randperm(3000, generator=gen).add(1000).tolist())
+    own = [[next(others) for _ in range(n)] for n in (1, 30, 64, 65, 200, 3, 17)]
+    contexts = [system[:400] + own[0], system[:400] + own[1], system[:160] + own[2], system[:160] + own[3]]
+    contexts += [own[4], system[:96] + own[5], system[:96] + own[6]]
+    groups, shared = [0, 2, 4, 5, 7], [400, 160, 0, 96]
+    q = torch.randn(len(contexts), q_heads, head_dim, generator=gen).to(dtype)
+    scale = head_dim**-0.5
+    grouped = paged_decode(q, k_pool, v_pool, *flat(contexts, groups, shared), scale)
+    alone = paged_decode(q, k_pool, v_pool, *flat(contexts), scale)
+    assert torch.equal(grouped, alone)
+    want = reference(q, k_pool, v_pool, contexts, scale)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(grouped.float(), want, atol=atol, rtol=0), (grouped.float() - want).abs().max()
+
+
 def test_bad_inputs_are_clear_errors_not_crashes(paged_decode):
-    k_pool = v_pool = torch.zeros(2, 16, 64)
-    slots, starts = flat([[0, 1]])
+    k_pool = v_pool = torch.zeros(2, 64, 64)
+    args = flat([[0, 1]])
     with pytest.raises(RuntimeError, match="one dtype"):
-        paged_decode(torch.zeros(1, 4, 64, dtype=torch.bfloat16), k_pool, v_pool, slots, starts, 1.0)
+        paged_decode(torch.zeros(1, 4, 64, dtype=torch.bfloat16), k_pool, v_pool, *args, 1.0)
     with pytest.raises(RuntimeError, match="head sizes"):
-        paged_decode(torch.zeros(1, 3, 64), k_pool, v_pool, slots, starts, 1.0)
+        paged_decode(torch.zeros(1, 3, 64), k_pool, v_pool, *args, 1.0)
     with pytest.raises(RuntimeError, match="rows \\+ 1"):
-        paged_decode(torch.zeros(2, 4, 64), k_pool, v_pool, slots, starts, 1.0)
+        paged_decode(torch.zeros(2, 4, 64), k_pool, v_pool, *args, 1.0)
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
         half = torch.zeros(2, 16, 64, dtype=torch.float16)
-        paged_decode(torch.zeros(1, 4, 64, dtype=torch.float16), half, half, slots, starts, 1.0)
+        paged_decode(torch.zeros(1, 4, 64, dtype=torch.float16), half, half, *args, 1.0)
+    two = [list(range(20)), list(range(16)) + [30, 31]]
+    q = torch.zeros(2, 4, 64)
+    with pytest.raises(RuntimeError, match="cover the rows"):
+        paged_decode(q, k_pool, v_pool, *flat(two, [0, 1], [0]), 1.0)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        paged_decode(q, k_pool, v_pool, *flat(two, [0, 2], [8]), 1.0)
+    with pytest.raises(RuntimeError, match="slots of its own"):
+        paged_decode(q, k_pool, v_pool, *flat([list(range(16)), list(range(20))], [0, 2], [16]), 1.0)
 
 
 def test_the_backend_setting_chooses_and_falls_back(monkeypatch, caplog):
@@ -148,3 +187,30 @@ def test_the_backend_setting_chooses_and_falls_back(monkeypatch, caplog):
             native.decode_kernel("native", cpu, torch.float32)
     finally:
         native.load_kernels.cache_clear()
+
+
+def test_decode_rows_groups_rows_whose_contexts_begin_alike():
+    """Grouped: rows sharing at least CASCADE_MIN_PREFIX leading slots, in whole SHARED_QUANTUMs, at most
+    MAX_SHARING_ROWS to a group (each group is one task per kv head). Not grouped: rows that share only a short
+    adapter prefix, or nothing."""
+    from types import SimpleNamespace
+
+    from prefixserve.engine.paged_attention import MAX_SHARING_ROWS, RowAttention, decode_rows
+
+    prefix, system = list(range(20)), list(range(100, 260))  # an adapter's 20 slots; a cached prompt's 160
+    rows = [RowAttention(0, 1, prefix, system + [500]), RowAttention(1, 1, prefix, system + [501, 502])]
+    rows.append(RowAttention(2, 1, prefix, list(range(600, 611))))  # same adapter, another prompt
+    rows.append(RowAttention(3, 1, [], list(range(700, 790))))  # the base model
+    many = [
+        RowAttention(4 + i, 1, [], list(range(1000, 1064)) + [2000 + i]) for i in range(MAX_SHARING_ROWS + 1)
+    ]
+    batch = decode_rows(rows + many, SimpleNamespace(device=torch.device("cpu")), op=None)
+    groups, shared = batch.groups.tolist(), batch.shared.tolist()
+    sizes = [(b - a, n) for a, b, n in zip(groups, groups[1:], shared, strict=False)]
+    assert sorted(sizes) == sorted([(2, 176), (1, 0), (1, 0), (MAX_SHARING_ROWS, 64), (1, 0)]), sizes
+    starts = batch.starts.tolist()
+    for k, (a, b) in enumerate(zip(groups, groups[1:], strict=False)):  # each group's rows begin alike
+        lead = batch.slots[starts[a] : starts[a] + shared[k]]
+        for r in range(a, b):
+            assert torch.equal(batch.slots[starts[r] : starts[r] + shared[k]], lead)
+    assert sorted(batch.tokens.tolist()) == list(range(len(rows + many)))

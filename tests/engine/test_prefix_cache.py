@@ -195,3 +195,36 @@ def test_cached_blocks_are_shared_ref_counted_and_evicted_leaf_first_before_anyt
     assert blocks.grow(taker, 4 * 6)  # 6 blocks: the 5 free ones, then the chain's leaf
     assert blocks.match(chain(ids)) == matched[:2]
     assert blocks.reset_cache() == 2 and blocks.match(chain(ids)) == [] and blocks.num_free == 2
+
+
+@pytest.mark.parametrize("arch", arch_params())
+def test_rows_decoding_on_one_cached_system_prompt_read_it_once_and_give_peft_s_tokens(
+    arch, tiny_model_dirs, adapter_dirs, tmp_path, monkeypatch
+):
+    """Rows whose prompts begin with the same cached blocks decode as one group of the native kernel, which
+    reads those blocks once for all of them (a system prompt shared by many requests): still PEFT's tokens."""
+    from prefixserve.engine import model_runner
+
+    groups = []
+    original = model_runner.decode_rows
+
+    def spy(rows, pool, op):
+        batch = original(rows, pool, op)
+        groups.append((batch.groups.tolist(), batch.shared.tolist()))
+        return batch
+
+    monkeypatch.setattr(model_runner, "decode_rows", spy)
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    engine = make_engine(base, tmp_path / "store", adapters)
+    system = tokens(100, 7)  # 6 full blocks of 16
+    run_one(engine, "rand8", system + tokens(3, 8))
+    prompts = [system + tokens(2 + i, 10 + i) for i in range(3)] + [tokens(90, 20)]
+    sinks = [submit_ids(engine, ids, "rand8", max_new_tokens=NEW) for ids in prompts]
+    run_until_idle(engine)
+    if engine.runner.paged_decode is not None:  # the native kernel built (it must, for the kernel's tests)
+        # the three on the system prompt share its adapter prefix and cached blocks: (8 + 96) // 16 * 16
+        three = [(g[k + 1] - g[k], n) for g, shared in groups for k, n in enumerate(shared)]
+        assert (3, 96) in three, groups
+    for sink, ids in zip(sinks, prompts, strict=True):
+        assert sink.seq.num_cached_tokens == (96 if ids[:100] == system else 0)
+        assert sink.tokens == greedy_by_forward(peft_model(base, adapters["rand8"]), ids, NEW), arch

@@ -12,7 +12,9 @@ longest one; a batch of similar rows (the common decode step) is one group, one 
 
 Decoding rows (one query token each) go instead, where the native kernels are built (native.py), to one call
 of `paged_decode` per layer for all of them: it reads each row's slots in the pool in place, in the pool's
-dtype, with no gather, no cast and no padding (`DecodeRows`).
+dtype, with no gather, no cast and no padding (`DecodeRows`). Rows whose contexts begin with the same slots
+(one adapter and one system prompt, held once in the prompt cache) form a group whose shared slots are read
+once for all its rows, with the same bits as when each row reads them alone.
 
 Calls without a batch (from_text, the self-check's reference) fall through to transformers' SDPA, so the one
 loaded model serves both paths.
@@ -37,6 +39,8 @@ MAX_PADDING = 1.25  # a group's padded area (rows x queries x context) may excee
 # A prefix this long, held by two or more rows of a step, is attended once for all of them (cascade). Shorter
 # ones ride in each row's context: splitting a batch by adapter would cost more calls than it saves.
 CASCADE_MIN_PREFIX = 64
+SHARED_QUANTUM = 16  # the decode kernel reads shared slots in whole vectors: counts are multiples of this
+MAX_SHARING_ROWS = 8  # rows per group of the decode kernel: one group is one task per kv head (parallelism)
 
 
 @dataclass(frozen=True)
@@ -166,22 +170,63 @@ class DecodeRows:
     tokens: torch.Tensor  # [rows] the flat token of each row's query
     slots: torch.Tensor  # [sum of contexts] each row's slots, its prefix's first, then its own
     starts: torch.Tensor  # [rows + 1] where each row's slots begin
+    groups: torch.Tensor  # [groups + 1] runs of rows whose contexts begin with the same slots ...
+    shared: torch.Tensor  # [groups] ... and how many: read once per group (a multiple of SHARED_QUANTUM)
 
 
 def decode_rows(rows: list[RowAttention], pool: KVPool, op: Callable[..., torch.Tensor]) -> DecodeRows:
-    # Rows on one adapter next to each other: the threads that read a shared prefix find it in cache.
-    rows = sorted(rows, key=lambda r: r.prefix_slots[0] if r.prefix_slots else -1)
+    """Rows whose contexts begin with the same slots (rows on one adapter; rows whose prompts start with the
+    same cached blocks: one system prompt) are grouped, and the kernel reads those slots once per group."""
+    contexts = sorted((r.prefix_slots + r.own_slots, r.query_start) for r in rows)  # shared runs adjacent
     slots: list[int] = []
-    starts = [0]
-    for r in rows:
-        slots += r.prefix_slots
-        slots += r.own_slots
+    starts, groups, shared = [0], [0], []
+    leader: list[int] = []
+    common = 0  # slots every row of the current group shares with its first row (a multiple of the quantum)
+    for i, (context, _) in enumerate(contexts):
+        if i > groups[-1]:
+            joined = 0
+            if (
+                i - groups[-1] < MAX_SHARING_ROWS
+                and context[:CASCADE_MIN_PREFIX] == leader[:CASCADE_MIN_PREFIX]
+            ):
+                joined = min(common, _common_length(leader, context[:-1]) // SHARED_QUANTUM * SHARED_QUANTUM)
+            if joined >= CASCADE_MIN_PREFIX:
+                common = joined
+            else:
+                shared.append(common if i - groups[-1] > 1 else 0)
+                groups.append(i)
+        if i == groups[-1]:
+            leader = context
+            common = (len(context) - 1) // SHARED_QUANTUM * SHARED_QUANTUM  # its last slot is its own
+        slots += context
         starts.append(len(slots))
+    if contexts:
+        shared.append(common if len(contexts) - groups[-1] > 1 else 0)
+        groups.append(len(contexts))
 
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=pool.device)
 
-    return DecodeRows(op, tensor([r.query_start for r in rows]), tensor(slots), tensor(starts))
+    return DecodeRows(
+        op,
+        tensor([q for _, q in contexts]),
+        tensor(slots),
+        tensor(starts),
+        tensor(groups),
+        tensor(shared),
+    )
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    """How many leading entries `a` and `b` have in common (bisection over slice comparisons, done in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 @dataclass
@@ -224,7 +269,7 @@ def paged_attention(
     out = torch.empty_like(q)
     if (d := batch.decode) is not None:
         rows_q = q.index_select(1, d.tokens).transpose(0, 1).contiguous()  # [rows, q_heads, head_dim]
-        o = d.op(rows_q.to(k_pool.dtype), k_pool, v_pool, d.slots, d.starts, scale)
+        o = d.op(rows_q.to(k_pool.dtype), k_pool, v_pool, d.slots, d.starts, d.groups, d.shared, scale)
         out.index_copy_(1, d.tokens, o.transpose(0, 1).to(q.dtype))
     for g in batch.groups:
         # [kv_heads, rows, group * queries, head_dim]: the query heads that share a kv head, stacked
