@@ -35,7 +35,10 @@ class StartupError(Exception):
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind (not yet listen) the server's address, as uvicorn would, before minutes go into loading a model."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections whose socket says TCP. Without it, a
+    # response written as headers then body waited for the client's delayed ACK: 44 ms per request on a
+    # kept-alive connection (1.9 ms on a new one), and as much before a stream's first token.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -4,6 +4,8 @@ torch is imported and the model loaded; a cached hub model served when the hub i
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import inspect
 import os
 import re
@@ -18,6 +20,7 @@ import pytest
 
 from prefixserve.config import SECTIONS, Settings
 from prefixserve.demo import DEMO_MODEL_DIR
+from prefixserve.startup import bind_socket
 from prefixserve.training.cli import train_command
 from tests.paths import REPO_ROOT
 from tests.server_process import ServerProcess, free_port
@@ -156,6 +159,35 @@ def test_a_busy_port_is_found_before_the_model_loads(tmp_path):
         "process, or pass --port N (PREFIXSERVE_PORT) for another port"
     ]
     assert not torch_imported
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_connections_to_the_bound_socket_send_without_waiting_for_acks(host):
+    """uvicorn serves on the socket `bind_socket` made, through asyncio, which turns on TCP_NODELAY only for
+    sockets that say IPPROTO_TCP. Without it, a response written as headers then body waited for the client's
+    delayed ACK: 44 ms per request on a kept-alive connection, and as long before a stream's first token."""
+    nodelay = []
+
+    async def serve_one() -> None:
+        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nodelay.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = bind_socket(host, 0)
+        server = await asyncio.start_server(accepted, sock=sock)  # what uvicorn does with `sockets=`
+        async with server:
+            _, writer = await asyncio.open_connection(host, sock.getsockname()[1])
+            while not nodelay:
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(serve_one(), 10))
+    except OSError as exc:  # a machine without IPv6 on loopback
+        if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            return
+        raise
+    assert nodelay and nodelay[0] != 0
 
 
 def _cache_as_hub_model(hf_home: Path, repo_id: str) -> None:
