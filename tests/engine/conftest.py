@@ -11,21 +11,21 @@ runs the first, the full run all of them.
 
 import pytest
 
-from prefixserve.engine import model_runner, paged_attention
+from prefixserve.engine.attention import portable
 
 
 @pytest.fixture
 def cascaded_groups(monkeypatch) -> list:
     """The cascade path (a shared prefix attended once for several rows) for the tiny adapters too (its
     threshold lowered to 1): every cascade group the model runner builds is recorded in the list returned."""
-    monkeypatch.setattr(paged_attention, "CASCADE_MIN_PREFIX", 1)
+    monkeypatch.setattr(portable, "CASCADE_MIN_PREFIX", 1)
     cascaded: list = []
-    original = paged_attention.group_rows
+    original = portable.group_rows
 
-    def spy(rows, pool):
-        groups = original(rows, pool)
+    def spy(layout, rows, pool):
+        groups = original(layout, rows, pool)
         cascaded.extend(g for g in groups if g.prefix_index is not None)
         return groups
 
-    monkeypatch.setattr(model_runner, "group_rows", spy)
+    monkeypatch.setattr(portable, "group_rows", spy)
     return cascaded

@@ -190,27 +190,42 @@ def test_the_backend_setting_chooses_and_falls_back(monkeypatch, caplog):
 
 
 def test_decode_rows_groups_rows_whose_contexts_begin_alike():
-    """Grouped: rows sharing at least CASCADE_MIN_PREFIX leading slots, in whole SHARED_QUANTUMs, at most
+    """Grouped: rows sharing at least MIN_SHARED_SLOTS leading slots, in whole SHARED_QUANTUMs, at most
     MAX_SHARING_ROWS to a group (each group is one task per kv head). Not grouped: rows that share only a short
-    adapter prefix, or nothing."""
-    from types import SimpleNamespace
+    adapter prefix, or nothing. Each row's slots are its prefix's first prefix_len, then its own."""
+    from prefixserve.engine.attention.layout import StepLayout
+    from prefixserve.engine.attention.native_decode import MAX_SHARING_ROWS, decode_rows
 
-    from prefixserve.engine.paged_attention import MAX_SHARING_ROWS, RowAttention, decode_rows
-
-    prefix, system = list(range(20)), list(range(100, 260))  # an adapter's 20 slots; a cached prompt's 160
-    rows = [RowAttention(0, 1, prefix, system + [500]), RowAttention(1, 1, prefix, system + [501, 502])]
-    rows.append(RowAttention(2, 1, prefix, list(range(600, 611))))  # same adapter, another prompt
-    rows.append(RowAttention(3, 1, [], list(range(700, 790))))  # the base model
-    many = [
-        RowAttention(4 + i, 1, [], list(range(1000, 1064)) + [2000 + i]) for i in range(MAX_SHARING_ROWS + 1)
-    ]
-    batch = decode_rows(rows + many, SimpleNamespace(device=torch.device("cpu")), op=None)
+    adapter, system = [0, 1], list(range(10, 20))  # an adapter's 20 slots; a cached prompt's 10 blocks of 16
+    rows = [(20, adapter, 161, system + [20]), (20, adapter, 162, system + [21])]
+    rows.append((20, adapter, 11, [30]))  # same adapter, another prompt
+    rows.append((0, [], 90, list(range(40, 46))))  # the base model
+    rows += [(0, [], 65, [50, 51, 52, 53, 60 + i]) for i in range(MAX_SHARING_ROWS + 1)]
+    n = len(rows)
+    layout = StepLayout.build(
+        16,
+        list(range(n + 1)),
+        [r[0] for r in rows],
+        [r[2] for r in rows],
+        [r[1] for r in rows],
+        [r[3] for r in rows],
+        torch.device("cpu"),
+    )
+    batch = decode_rows(layout, list(range(n)))
     groups, shared = batch.groups.tolist(), batch.shared.tolist()
-    sizes = [(b - a, n) for a, b, n in zip(groups, groups[1:], shared, strict=False)]
+    sizes = [(b - a, k) for a, b, k in zip(groups, groups[1:], shared, strict=False)]
     assert sorted(sizes) == sorted([(2, 176), (1, 0), (1, 0), (MAX_SHARING_ROWS, 64), (1, 0)]), sizes
-    starts = batch.starts.tolist()
+    starts, slots = batch.starts.tolist(), batch.slots.tolist()
     for k, (a, b) in enumerate(zip(groups, groups[1:], strict=False)):  # each group's rows begin alike
-        lead = batch.slots[starts[a] : starts[a] + shared[k]]
         for r in range(a, b):
-            assert torch.equal(batch.slots[starts[r] : starts[r] + shared[k]], lead)
-    assert sorted(batch.tokens.tolist()) == list(range(len(rows + many)))
+            assert slots[starts[r] : starts[r] + shared[k]] == slots[starts[a] : starts[a] + shared[k]]
+    assert sorted(batch.tokens.tolist()) == list(range(n))
+
+    def expected(prefix_len, prefix, own_len, own):
+        def of(blocks):
+            return [b * 16 + o for b in blocks for o in range(16)]
+
+        return of(prefix)[:prefix_len] + of(own)[:own_len]
+
+    for i, token in enumerate(batch.tokens.tolist()):  # row `token` is the i-th in the kernel's order
+        assert slots[starts[i] : starts[i + 1]] == expected(*rows[token])

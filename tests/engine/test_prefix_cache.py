@@ -203,17 +203,17 @@ def test_rows_decoding_on_one_cached_system_prompt_read_it_once_and_give_peft_s_
 ):
     """Rows whose prompts begin with the same cached blocks decode as one group of the native kernel, which
     reads those blocks once for all of them (a system prompt shared by many requests): still PEFT's tokens."""
-    from prefixserve.engine import model_runner
+    from prefixserve.engine.attention import native_decode
 
     groups = []
-    original = model_runner.decode_rows
+    original = native_decode.decode_rows
 
-    def spy(rows, pool, op):
-        batch = original(rows, pool, op)
+    def spy(layout, rows):
+        batch = original(layout, rows)
         groups.append((batch.groups.tolist(), batch.shared.tolist()))
         return batch
 
-    monkeypatch.setattr(model_runner, "decode_rows", spy)
+    monkeypatch.setattr(native_decode, "decode_rows", spy)
     base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
     engine = make_engine(base, tmp_path / "store", adapters)
     system = tokens(100, 7)  # 6 full blocks of 16
@@ -221,7 +221,7 @@ def test_rows_decoding_on_one_cached_system_prompt_read_it_once_and_give_peft_s_
     prompts = [system + tokens(2 + i, 10 + i) for i in range(3)] + [tokens(90, 20)]
     sinks = [submit_ids(engine, ids, "rand8", max_new_tokens=NEW) for ids in prompts]
     run_until_idle(engine)
-    if engine.runner.paged_decode is not None:  # the native kernel built (it must, for the kernel's tests)
+    if engine.runner.backend.name == "native":  # the native kernel built (it must, for the kernel's tests)
         # the three on the system prompt share its adapter prefix and cached blocks: (8 + 96) // 16 * 16
         three = [(g[k + 1] - g[k], n) for g, shared in groups for k, n in enumerate(shared)]
         assert (3, 96) in three, groups

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from prefixserve.adapters.format import read_adapter_dir, validate_adapter
 from prefixserve.adapters.kv_prefix import KVShape, LoadedPrefix, embeddings_to_kv
 from prefixserve.demo import DEMO_MODEL_DIR
+from prefixserve.engine.attention import ATTN_IMPLEMENTATION, register
 from prefixserve.engine.block_manager import BlockManager
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_runner import ModelRunner
-from prefixserve.engine.paged_attention import ATTN_IMPLEMENTATION, register
 from prefixserve.engine.self_check import run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from prefixserve.training import TrainingError, train_adapter, upload_adapter

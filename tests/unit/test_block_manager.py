@@ -9,8 +9,10 @@ def test_rows_on_one_adapter_share_one_copy_of_its_prefix():
     blocks = BlockManager(num_blocks=100, block_size=16)
     rows = [RowBlocks() for _ in range(64)]
     fills = [blocks.acquire_prefix(row, "cartridge", 512) for row in rows]
-    assert len(fills[0]) == 512 and all(f == [] for f in fills[1:])  # written once, then only pointed at
-    assert all(row.prefix_slots is rows[0].prefix_slots for row in rows)
+    assert len(fills[0]) == 512 // 16 and all(
+        f == [] for f in fills[1:]
+    )  # written once, then only pointed at
+    assert all(row.prefix_blocks is rows[0].prefix_blocks and row.prefix_len == 512 for row in rows)
     assert blocks.num_used == 512 // 16
 
 
@@ -45,17 +47,17 @@ def test_growing_past_the_pool_changes_nothing():
     row = RowBlocks()
     assert blocks.grow(row, 8)
     assert not blocks.grow(row, 17)  # 5 blocks: 2 more than exist
-    assert len(row.blocks) == 2 and len(row.slots) == 8 and blocks.num_free == 1
+    assert len(row.blocks) == 2 and blocks.num_free == 1
     other = RowBlocks()
     assert blocks.acquire_prefix(other, "big", 9) is None and other.prefix_key is None
 
 
-def test_slots_follow_blocks_and_freeing_returns_everything():
+def test_own_blocks_are_apart_from_the_prefix_s_and_freeing_returns_everything():
     blocks = BlockManager(num_blocks=8, block_size=4)
     row = RowBlocks()
     blocks.acquire_prefix(row, "p", 3)
     blocks.grow(row, 6)
-    assert row.slots == [b * 4 + o for b in row.blocks for o in range(4)]
-    assert not set(row.slots) & set(row.prefix_slots)
+    assert len(row.blocks) == 2 and row.prefix_len == 3 and len(row.prefix_blocks) == 1
+    assert not set(row.blocks) & set(row.prefix_blocks)
     blocks.free(row)
     assert blocks.num_free == 8 and row.blocks == [] and row.prefix_key is None

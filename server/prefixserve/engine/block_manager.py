@@ -21,19 +21,20 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ResidentPrefix:
-    slots: list[int]
     blocks: list[int]
+    num_tokens: int
     refs: int = 0
 
 
 @dataclass
 class RowBlocks:
-    """A row's own blocks and the slots of its tokens, in order (block * block_size + offset)."""
+    """A row's own blocks, in order (token i of the row is in slot blocks[i // size] * size + i % size), and
+    the blocks of its adapter prefix (its first `prefix_len` slots, counted the same way)."""
 
     blocks: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
     prefix_key: Hashable | None = None
-    prefix_slots: list[int] = field(default_factory=list)
+    prefix_blocks: list[int] = field(default_factory=list)
+    prefix_len: int = 0
     num_hashed: int = 0  # leading blocks already looked up in or offered to the cache
 
 
@@ -115,7 +116,6 @@ class BlockManager:
             self._evictable.pop(block, None)
             self._refs[block] = self._refs.get(block, 0) + 1
         row.blocks.extend(blocks)
-        row.slots.extend(b * self.block_size + o for b in blocks for o in range(self.block_size))
         row.num_hashed = len(blocks)
 
     def offer(self, row: RowBlocks, hashes: list[bytes]) -> None:
@@ -141,7 +141,7 @@ class BlockManager:
 
     # ----- prefixes -------------------------------------------------------------------------------------
     def acquire_prefix(self, row: RowBlocks, key: Hashable, num_tokens: int) -> list[int] | None:
-        """Point `row` at the prefix `key`. Returns the slots to fill when it was not resident ([] when it
+        """Point `row` at the prefix `key`. Returns the blocks to fill when it was not resident ([] when it
         was); None when there are not enough free blocks (nothing changes then)."""
         prefix = self._prefixes.get(key)
         fill: list[int] = []
@@ -149,12 +149,11 @@ class BlockManager:
             blocks = self._take(blocks_for(num_tokens, self.block_size))
             if blocks is None:
                 return None
-            slots = [b * self.block_size + o for b in blocks for o in range(self.block_size)][:num_tokens]
-            prefix = self._prefixes[key] = ResidentPrefix(slots, blocks)
-            fill = slots
+            prefix = self._prefixes[key] = ResidentPrefix(blocks, num_tokens)
+            fill = blocks
         self._unused.pop(key, None)
         prefix.refs += 1
-        row.prefix_key, row.prefix_slots = key, prefix.slots
+        row.prefix_key, row.prefix_blocks, row.prefix_len = key, prefix.blocks, prefix.num_tokens
         return fill
 
     def _release_prefix(self, row: RowBlocks) -> None:
@@ -164,7 +163,7 @@ class BlockManager:
         prefix.refs -= 1
         if prefix.refs == 0:
             self._unused[row.prefix_key] = None
-        row.prefix_key, row.prefix_slots = None, []
+        row.prefix_key, row.prefix_blocks, row.prefix_len = None, [], 0
 
     # ----- rows -----------------------------------------------------------------------------------------
     def grow(self, row: RowBlocks, num_tokens: int) -> bool:
@@ -176,7 +175,6 @@ class BlockManager:
         if blocks is None:
             return False
         row.blocks.extend(blocks)
-        row.slots.extend(b * self.block_size + o for b in blocks for o in range(self.block_size))
         return True
 
     def free(self, row: RowBlocks) -> None:
@@ -195,6 +193,5 @@ class BlockManager:
                 else:  # registered once, then forgotten by a reset
                     self._free.append(block)
         row.blocks.clear()
-        row.slots.clear()
         row.num_hashed = 0
         self._release_prefix(row)

@@ -25,7 +25,7 @@ from prefixserve.engine.errors import EngineStoppedError
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import LoadedModel
-from prefixserve.engine.model_runner import ModelRunner
+from prefixserve.engine.model_runner import ModelRunner, backend_for
 from prefixserve.engine.prefix_cache import CacheScope, cache_root
 from prefixserve.engine.reporter import Reporter
 from prefixserve.engine.sampling import make_generator, sample
@@ -63,7 +63,7 @@ class LLMEngine:
         self.pool = KVPool.sized(
             loaded.kv_shape, limits.kv_cache_mb, limits.block_size, loaded.dtype, loaded.device
         )
-        self.runner = ModelRunner(loaded.model, self.pool, paged_decode)
+        self.runner = ModelRunner(loaded.model, self.pool, backend_for(paged_decode))
         self.scheduler = Scheduler(
             BlockManager(self.pool.num_blocks, self.pool.block_size),
             limits.max_batch_size,

@@ -14,6 +14,12 @@ import torch
 from prefixserve.adapters.kv_prefix import KVShape
 
 
+def block_slots(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The slots of `blocks` ([..., n] block ids): [..., n * block_size], in order."""
+    offsets = torch.arange(block_size, device=blocks.device)
+    return (blocks[..., None] * block_size + offsets).flatten(-2)
+
+
 def bytes_per_token(shape: KVShape, dtype: torch.dtype) -> int:
     return shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
@@ -52,9 +58,11 @@ class KVPool:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def write_prefix(self, slots: list[int], kv: torch.Tensor) -> None:
-        """Copy an adapter prefix ([layers, 2, kv_heads, T, head_dim]) into `slots` (T of them)."""
-        index = torch.tensor(slots, device=self.device)
+    def write_prefix(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Copy an adapter prefix ([layers, 2, kv_heads, T, head_dim]) into the first T slots of `blocks`."""
+        index = block_slots(torch.tensor(blocks, device=self.device), self.block_size).flatten()[
+            : kv.shape[3]
+        ]
         for layer in range(self.shape.num_layers):
             self.keys[layer].index_copy_(1, index, kv[layer, 0].to(self.dtype))
             self.values[layer].index_copy_(1, index, kv[layer, 1].to(self.dtype))

@@ -2,7 +2,7 @@
 source, and loaded as torch ops (`torch.ops.prefixserve.*`).
 
 Where no compiler is present, the build fails or the CPU is not x86-64/arm64 Linux or macOS, `load_kernels`
-returns None with the reason, and the engine keeps its portable path (paged_attention.py's gather + matmul),
+returns None with the reason, and the engine keeps its portable backend (engine/attention/portable.py: gather + SDPA),
 logged at start-up: a missing compiler never fails a request.
 """
 

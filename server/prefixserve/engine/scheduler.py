@@ -47,7 +47,7 @@ class ScheduledRow:
 @dataclass
 class SchedulerOutput:
     rows: list[ScheduledRow] = field(default_factory=list)
-    prefix_fills: list[tuple[list[int], LoadedPrefix]] = field(default_factory=list)  # slots to write
+    prefix_fills: list[tuple[list[int], LoadedPrefix]] = field(default_factory=list)  # blocks to write
     preempted: list[Sequence] = field(default_factory=list)
     cache_queries: int = 0  # prompt tokens of admitted rows that looked in the prompt cache ...
     cache_hits: int = 0  # ... and how many of them it held
