@@ -25,10 +25,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
+from prefixserve.engine.cpu.kernels import decode_kernel
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
-from prefixserve.engine.native import decode_kernel
 from prefixserve.engine.sequence import SamplingParams
 from prefixserve.engine.virtual_tokens import virtual_token_materializer
 

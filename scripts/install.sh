@@ -58,4 +58,4 @@ fi
 print("prefixserve", prefixserve.__version__, "with torch", torch.__version__, "(CUDA build)" if torch.version.cuda else "(CPU build)")'
 # The native attention kernel, built now for this CPU (about 25 s) rather than at the first `prefixserve serve`.
 # Without a C++ compiler the server serves the portable path (logged), so this never fails the install.
-"$python" -c 'from prefixserve.engine.native import load_kernels; print("native attention kernel:", load_kernels()[1])' || true
+"$python" -c 'from prefixserve.engine.cpu.kernels import load_kernels; print("native attention kernel:", load_kernels()[1])' || true

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixserve.engine.native import load_kernels
+from prefixserve.engine.cpu.kernels import load_kernels
 from tests.s3_server import S3Server, S3ServerError, start_s3_server
 from tests.tiny_models import build_model, make_adapter, make_prompt_adapter
 
@@ -32,7 +32,7 @@ ARCHS = ("gpt2", "llama", "mistral", "qwen2")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Build the native attention kernel (engine/native.py) before any test: a first build takes ~25 s, which
+    """Build the native attention kernel (engine/cpu/kernels.py) before any test: a first build takes ~25 s, which
     a server process started by a test would otherwise spend inside its start-up deadline. Cached: ~0.1 s. A
     build failure is not raised here: the kernel's own tests fail, saying why."""
     load_kernels()

@@ -8,10 +8,10 @@ from pathlib import Path
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
+from prefixserve.engine.cpu.kernels import decode_kernel
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
-from prefixserve.engine.native import decode_kernel
 from prefixserve.engine.prefix_cache import CacheScope
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
 from prefixserve.engine.virtual_tokens import virtual_token_materializer

@@ -12,10 +12,10 @@ from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store import AdapterStore
 from prefixserve.adapters.stores import open_store
 from prefixserve.config import Settings
+from prefixserve.engine.cpu.kernels import decode_kernel
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import LoadedModel, load_model
-from prefixserve.engine.native import decode_kernel
 from prefixserve.engine.prefix_cache import CacheScope
 from prefixserve.engine.self_check import check_prefix_serving
 from prefixserve.engine.virtual_tokens import virtual_token_materializer

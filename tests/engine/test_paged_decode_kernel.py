@@ -1,5 +1,5 @@
-"""The native paged decode kernel (engine/csrc/paged_decode.cpp) against attention written out in torch, and
-the choice between it and the portable path (engine/native.py).
+"""The native paged decode kernel (engine/cpu/csrc/paged_decode.cpp) against attention written out in torch, and
+the choice between it and the portable path (engine/cpu/kernels.py).
 
 The kernel must build here: a machine without a C++ compiler fails these tests, it does not skip them."""
 
@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from prefixserve.engine import native
+from prefixserve.engine.cpu import kernels as native
 from prefixserve.engine.errors import UnsupportedModelError
 
 
@@ -178,7 +178,7 @@ def test_the_backend_setting_chooses_and_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(native, "_compiler", lambda: None)
     native.load_kernels.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="prefixserve.engine.native"):
+        with caplog.at_level(logging.WARNING, logger="prefixserve.engine.cpu.kernels"):
             assert native.decode_kernel("auto", cpu, torch.float32) is None
         assert "no C++ compiler found" in caplog.text and "portable path" in caplog.text
         with pytest.raises(

@@ -73,7 +73,7 @@ class StepBatch:
 
 
 def backend_for(paged_decode: Callable[..., torch.Tensor] | None) -> AttentionBackend:
-    """The native kernel's backend where it was built (native.py), the portable one otherwise."""
+    """The native kernel's backend where it was built (engine/cpu/kernels.py), the portable one otherwise."""
     return PortableBackend() if paged_decode is None else NativeDecodeBackend(paged_decode)
 
 

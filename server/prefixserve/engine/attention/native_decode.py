@@ -1,5 +1,5 @@
-"""The native backend: decoding rows through the native `paged_decode` kernel (engine/csrc/, built by
-engine/native.py), every other row (prompt chunks) through the portable backend's groups.
+"""The native backend: decoding rows through the native `paged_decode` kernel (engine/cpu/csrc/, built by
+engine/cpu/kernels.py), every other row (prompt chunks) through the portable backend's groups.
 
 The kernel takes all decoding rows of a step in one call per layer and reads each row's slots in the pool in
 place, in the pool's dtype, with no gather, no cast and no padding. Rows whose contexts begin with the same

@@ -1,4 +1,4 @@
-"""Native CPU kernels (engine/csrc/): built on first use with torch's C++ extension tooling, cached per CPU and
+"""Native CPU kernels (engine/cpu/csrc/): built on first use with torch's C++ extension tooling, cached per CPU and
 source, and loaded as torch ops (`torch.ops.prefixserve.*`).
 
 Where no compiler is present, the build fails or the CPU is not x86-64/arm64 Linux or macOS, `load_kernels`
