@@ -105,9 +105,15 @@ def bench_peft_one_at_a_time(model_dir: Path, adapters: list[Path], prompts: tor
 
 
 def make_engine(
-    model_dir: Path, store_dir: Path, adapters: list[Path], rows: int, length: int, attention: str = "auto"
+    model_dir: Path,
+    store_dir: Path,
+    adapters: list[Path],
+    rows: int,
+    length: int,
+    attention: str = "auto",
+    dtype: str = "float32",
 ) -> LLMEngine:
-    loaded = load_model(str(model_dir), "cpu", "float32", length)
+    loaded = load_model(str(model_dir), "cpu", dtype, length)
     registry = AdapterRegistry(
         DirectoryStore(store_dir),
         loaded.kv_shape,
