@@ -85,10 +85,12 @@ _TANH_GELUS = (NewGELUActivation, FastGELUActivation, GELUTanh)
 
 
 def pack_linears(model: nn.Module) -> int:
+    from prefixserve.engine.cpu.fused_projections import fuse_projections  # it builds on PackedLinear
+
     """Swap every `nn.Linear` and `Conv1D` of `model` for a `PackedLinear`, and Python-level tanh-GELUs for
     the fused kernel (inside the preceding GEMM in GPT-2's MLP, c_fc -> act -> c_proj); return how many
     linear layers were packed."""
-    swapped = 0
+    swapped = fuse_projections(model)  # before the generic swap below, which would take their nn.Linears
     with torch.no_grad():
         for mlp in [m for m in model.modules() if type(m) is GPT2MLP and type(m.act) in _TANH_GELUS]:
             mlp.c_fc = PackedLinear(mlp.c_fc.weight.t(), mlp.c_fc.bias, tanh_gelu=True)
