@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefixserve.engine.cpu.fused_projections import ProjectionView, fuse_projections
+from prefixserve.engine.cpu.fused_projections import ProjectionView, SiluGatedMLP, fuse_projections
 from prefixserve.engine.cpu.packed_linear import pack_linears, packing_available
 from tests.tiny_models import tiny_config
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral"])
 def test_packed_and_fused_model_gives_the_same_logits(arch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
@@ -27,7 +27,9 @@ def test_packed_and_fused_model_gives_the_same_logits(arch):
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     views = [m for m in model.modules() if isinstance(m, ProjectionView)]
-    assert len(views) == (0 if arch == "gpt2" else 2 * (3 + 2))  # two layers: q/k/v and gate/up each
+    assert len(views) == (0 if arch == "gpt2" else 2 * 3)  # two layers of q/k/v
+    mlps = [m for m in model.modules() if isinstance(m, SiluGatedMLP)]
+    assert len(mlps) == (0 if arch == "gpt2" else 2)
 
 
 def test_a_fused_projection_called_out_of_order_or_on_another_input_recomputes():

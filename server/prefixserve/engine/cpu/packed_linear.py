@@ -49,11 +49,14 @@ def _packs(dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's blocked layout (inference only); with `tanh_gelu`, GELU's tanh
-    approximation is applied in the GEMM's epilogue (same values as the separate op, 28% faster for GPT-2's
-    [2048, 768] x [768, 3072] in bf16: the output is not written and read back)."""
+    """y = x W^T + b with W held in oneDNN's blocked layout (inference only). `post_op` runs in the GEMM's
+    epilogue: "gelu" with algorithm "tanh" (GELU's tanh approximation: the same values as the separate op, 28%
+    faster for GPT-2's [2048, 768] x [768, 3072] in bf16, the output is not written and read back) or
+    "swish" (SiLU); `times` multiplies the product by another tensor there."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tanh_gelu: bool = False) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none", algorithm: str = ""
+    ) -> None:
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
@@ -61,12 +64,16 @@ class PackedLinear(nn.Module):
             weight.detach().contiguous(), _PACKING_BATCH_HINT
         )
         self.bias = None if bias is None else bias.detach().clone()
-        self._post_op, self._algorithm = ("gelu", "tanh") if tanh_gelu else ("none", "")
+        self._post_op, self._algorithm = post_op, algorithm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(
             x, self.packed, self.bias, self._post_op, [], self._algorithm
         )
+
+    def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """(x W^T + b) * other, elementwise, in one pass (post_op is not applied)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, packed=oneDNN, post_op={self._post_op}"
@@ -93,7 +100,7 @@ def pack_linears(model: nn.Module) -> int:
     swapped = fuse_projections(model)  # before the generic swap below, which would take their nn.Linears
     with torch.no_grad():
         for mlp in [m for m in model.modules() if type(m) is GPT2MLP and type(m.act) in _TANH_GELUS]:
-            mlp.c_fc = PackedLinear(mlp.c_fc.weight.t(), mlp.c_fc.bias, tanh_gelu=True)
+            mlp.c_fc = PackedLinear(mlp.c_fc.weight.t(), mlp.c_fc.bias, "gelu", "tanh")
             mlp.act = nn.Identity()
             swapped += 1
         for parent in list(model.modules()):
