@@ -123,6 +123,7 @@ async def events(stream: RequestStream) -> AsyncIterator[TokenEvent]:
 async def collect(stream: RequestStream, request: Request) -> Collected:
     """Run a request to the end, cancelling it if the client disconnects meanwhile."""
     out = Collected()
+    stream.hold_until_finished()
 
     async def consume() -> None:
         async for event in events(stream):

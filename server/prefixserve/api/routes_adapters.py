@@ -17,6 +17,7 @@ from prefixserve.adapters.ids import ADAPTER_ID_PATTERN, validate_adapter_id
 from prefixserve.adapters.store import AdapterInfo
 from prefixserve.api.errors import APIError
 from prefixserve.api.schemas import AdapterCreated, Text
+from prefixserve.engine.cpu.threads import single_threaded
 from prefixserve.engine.errors import RequestValidationError
 from prefixserve.engine.from_text import adapter_from_text
 
@@ -103,7 +104,7 @@ async def _adapter_from_request(request: Request) -> PeftAdapter:
             ) from None
         state.check_chars(len(body.from_text), state.settings.max_virtual_tokens, "from_text")
         return await run_in_threadpool(
-            adapter_from_text,
+            single_threaded(adapter_from_text),
             state.loaded,
             body.from_text,
             body.chat_template,
@@ -120,14 +121,16 @@ async def _adapter_from_request(request: Request) -> PeftAdapter:
     form = await request.form()
     uploads = [f for f in form.getlist("files") if isinstance(f, StarletteUploadFile)]
     files = await run_in_threadpool(_read_files, uploads, max_bytes)
-    return await run_in_threadpool(read_upload, files, max_bytes)
+    return await run_in_threadpool(single_threaded(read_upload), files, max_bytes)
 
 
 async def _store(request: Request, adapter_id: str, response: Response) -> AdapterCreated:
     state = request.app.state.server
     validate_adapter_id(adapter_id)
     adapter = await _adapter_from_request(request)
-    info, created = await run_in_threadpool(state.registry.put, state.namespace(request), adapter_id, adapter)
+    info, created = await run_in_threadpool(
+        single_threaded(state.registry.put), state.namespace(request), adapter_id, adapter
+    )
     response.status_code = 201 if created else 200
     return AdapterCreated.model_validate(info)
 

@@ -3,7 +3,9 @@
 A step produces a token for every running row. Waking the event loop once per token (64 thread-safe calls
 per step at 64 rows) cost the server a third of its throughput on two cores, where every wake-up takes time
 from the engine's compute threads. Events therefore go through one `EventDispatcher` per event loop, which
-wakes the loop once for whatever the engine has posted since its last wake-up: about once per step.
+wakes the loop once for whatever the engine has posted since its last wake-up: about once per step. A request
+whose answer is sent whole (not streamed) holds its events on the engine thread until its last one: the loop
+is not woken, nor its handler resumed, once per token for nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from prefixserve.adapters.ids import AdapterRef
+from prefixserve.engine.cpu.threads import single_threaded
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.sequence import SamplingParams, Sequence, TokenEvent
 
@@ -26,10 +29,10 @@ class EventDispatcher:
         self._pending: deque[tuple[RequestStream, TokenEvent]] = deque()
         self._scheduled = False
 
-    def post(self, stream: RequestStream, event: TokenEvent) -> None:
-        """Engine thread. deque.append is atomic; a flush that already started schedules no lost event,
+    def post(self, stream: RequestStream, events: list[TokenEvent]) -> None:
+        """Engine thread. deque.extend is atomic; a flush that already started schedules no lost event,
         because it clears the flag before draining."""
-        self._pending.append((stream, event))
+        self._pending.extend((stream, event) for event in events)
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon_threadsafe(self._flush)
@@ -63,6 +66,8 @@ class RequestStream:
         self.seq: Sequence | None = None
         self.finished = False
         self._on_finish: list[Callable[[], None]] = []
+        self._hold = False
+        self._held: list[TokenEvent] = []
 
     def add_finish_callback(self, callback: Callable[[], None]) -> None:
         """Run `callback` on the event loop once the last event has arrived (at once if it already has)."""
@@ -71,8 +76,17 @@ class RequestStream:
         else:
             self._on_finish.append(callback)
 
+    def hold_until_finished(self) -> None:
+        """From now on, events reach the iterator all at once, with the last one (a whole, unstreamed answer)."""
+        self._hold = True
+
     def sink(self, event: TokenEvent) -> None:
-        self._dispatcher.post(self, event)
+        """Engine thread."""
+        if self._hold and event.finish_reason is None:
+            self._held.append(event)
+            return
+        held, self._held = self._held, []
+        self._dispatcher.post(self, [*held, event])
 
     def _deliver(self, event: TokenEvent) -> None:
         self._queue.put_nowait(event)
@@ -113,7 +127,7 @@ async def submit(
     stream = RequestStream(engine, asyncio.get_running_loop())
     if on_finish is not None:
         stream.add_finish_callback(on_finish)
-    stream.seq = await asyncio.to_thread(
-        engine.submit, prompt_ids, adapter, params, stream.sink, tenant, cache_salt
+    stream.seq = await asyncio.to_thread(  # it may load the adapter: torch ops, kept off the engine's threads
+        single_threaded(engine.submit), prompt_ids, adapter, params, stream.sink, tenant, cache_salt
     )
     return stream

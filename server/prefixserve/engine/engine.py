@@ -20,6 +20,7 @@ from prefixserve import metrics
 from prefixserve.adapters.ids import AdapterRef
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.engine.block_manager import BlockManager
+from prefixserve.engine.cpu.threads import mark_engine_thread
 from prefixserve.engine.detokenizer import OutputText
 from prefixserve.engine.errors import EngineStoppedError
 from prefixserve.engine.kv_cache import KVPool
@@ -222,6 +223,7 @@ class LLMEngine:
     def run_loop(self) -> None:
         """Step until `stop_accepting()` was called and no work is left. The server calls this on the main
         thread: oneDNN's kernels measured ~70% slower called from any other thread (bench/RESULTS.md)."""
+        mark_engine_thread()
         with self._wakeup:
             self._looping = True
         with torch.inference_mode():
