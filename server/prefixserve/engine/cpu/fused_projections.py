@@ -14,6 +14,8 @@ as the GEMM itself in a 2,048-token bf16 prefill (Qwen2.5-0.5B shape: 55 + 30 + 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
@@ -28,7 +30,9 @@ FUSABLE_GROUPS = (("q_proj", "k_proj", "v_proj"),)
 class FusedProjections:
     """The fused GEMM of one group, and its latest output: a projection asked for its part of the same input
     tensor gets a view of that output; any other input (or a part already taken) runs the GEMM again, so a
-    caller that uses the projections some other way still gets the right values."""
+    caller that uses the projections some other way still gets the right values. The latest output is kept
+    per thread: the engine's steps and a helper thread's forward pass (an adapter made from text) may share
+    the model."""
 
     def __init__(self, linears: list[nn.Linear]) -> None:
         weight = torch.cat([linear.weight for linear in linears])
@@ -43,17 +47,18 @@ class FusedProjections:
             )
         self.gemm = PackedLinear(weight, bias)
         self.sizes = [linear.out_features for linear in linears]
-        self._input: torch.Tensor | None = None
-        self._parts: list[torch.Tensor | None] = []
+        self._latest = threading.local()  # .input, .parts
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if x is not self._input or self._parts[index] is None:
-            self._input = x
-            self._parts = list(self.gemm(x).split(self.sizes, dim=-1))
-        part = self._parts[index]
-        self._parts[index] = None
-        if all(p is None for p in self._parts):  # every part handed out: hold nothing between layers
-            self._input = None
+        latest = self._latest
+        parts: list[torch.Tensor | None] | None = getattr(latest, "parts", None)
+        if parts is None or x is not latest.input or parts[index] is None:
+            latest.input = x
+            latest.parts = parts = list(self.gemm(x).split(self.sizes, dim=-1))
+        part = parts[index]
+        parts[index] = None
+        if all(p is None for p in parts):  # every part handed out: hold nothing between layers
+            latest.input = latest.parts = None
         assert part is not None
         return part
 
