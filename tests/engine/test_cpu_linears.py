@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prefixserve.engine.cpu.fused_projections import ProjectionView, SiluGatedMLP, fuse_projections
-from prefixserve.engine.cpu.packed_linear import pack_linears, packing_available
+from prefixserve.engine.cpu.linears import pack_linears
+from prefixserve.engine.cpu.packed_linear import packing_available
 from tests.tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(

@@ -14,7 +14,8 @@ from transformers.utils import logging as hf_logging
 from prefixserve.adapters.kv_prefix import KVShape
 from prefixserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 from prefixserve.engine.attention import ATTN_IMPLEMENTATION, register
-from prefixserve.engine.cpu.packed_linear import pack_linears, packing_available
+from prefixserve.engine.cpu.linears import pack_linears
+from prefixserve.engine.cpu.packed_linear import packing_available
 from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
