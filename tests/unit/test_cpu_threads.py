@@ -14,7 +14,15 @@ from prefixserve.engine.cpu import threads
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="this torch does not use libgomp")
 def test_a_helper_thread_is_confined_and_the_engine_thread_is_not(monkeypatch):
     monkeypatch.setattr(threads, "_engine_thread", None)
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
+    try:
+        _check_confinement()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_confinement() -> None:
     seen: dict[str, int] = {}
     marked, helped = threading.Event(), threading.Event()
 

@@ -161,9 +161,8 @@ def attend_groups(
                 qg.to(kg.dtype), kg, vg, attn_mask=g.stacked_mask(group), scale=scale
             )
         else:  # the shared prefix is visible to every query: one matmul for all rows, one joint softmax
-            qf = (
-                qg.float()
-            )  # fp32 throughout, as SDPA does: half-precision scores would round before the softmax
+            # fp32 throughout, as SDPA does inside: half-precision scores would round before the softmax
+            qf = qg.float()
             scores = torch.matmul(qf, kg.transpose(2, 3).float()) * scale
             scores = scores.view(kv_heads, g.rows, group, g.queries, g.context)
             scores.masked_fill_(~g.mask, float("-inf"))

@@ -110,14 +110,14 @@ def _is_silu_gated_mlp(module: nn.Module) -> bool:
 
 def fuse_projections(model: nn.Module) -> int:
     """Replace each group of sibling `nn.Linear`s that `FUSABLE_GROUPS` names (same input size) by views of one
-    fused, prepacked GEMM, and each SiLU-gated MLP by `SiluGatedMLP`; return how many modules were fused."""
+    fused, prepacked GEMM, and each SiLU-gated MLP by `SiluGatedMLP`; return how many `nn.Linear`s it replaced."""
     fused = 0
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if _is_silu_gated_mlp(child):
                     setattr(parent, name, SiluGatedMLP(child.gate_proj, child.up_proj, child.down_proj))
-                    fused += 1
+                    fused += 3
             for names in FUSABLE_GROUPS:
                 linears = [getattr(parent, name, None) for name in names]
                 if not all(type(linear) is nn.Linear for linear in linears):
@@ -128,5 +128,5 @@ def fuse_projections(model: nn.Module) -> int:
                 for index, (name, linear) in enumerate(zip(names, linears, strict=True)):
                     view = ProjectionView(group, index, linear.in_features, linear.out_features)
                     setattr(parent, name, view)
-                fused += 1
+                fused += len(names)
     return fused

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import re
 import threading
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
