@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from prefixserve.adapters.kv_prefix import KVShape
 from prefixserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 from prefixserve.engine.attention import ATTN_IMPLEMENTATION, register
+from prefixserve.engine.cpu.allocator import keep_freed_memory
 from prefixserve.engine.cpu.linears import pack_linears
 from prefixserve.engine.cpu.packed_linear import packing_available
 from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError
@@ -146,6 +147,8 @@ def load_model(model: str, device: str, dtype: str, max_total_tokens: int) -> Lo
             "so its keys/values cannot be kept in prefixserve's paged KV cache"
         )
     hf_model.requires_grad_(False).eval().to(dev)
+    if dev.type == "cpu":
+        keep_freed_memory()
     if packing_available(dev, torch_dtype):
         log.info("oneDNN prepacked weights for %d linear layers", pack_linears(hf_model))
     try:
