@@ -12,6 +12,7 @@ positions of rows that asked for their prompt's log-probabilities.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +25,13 @@ from prefixserve.engine.attention import BATCH_KWARG, AttentionBackend, Attentio
 from prefixserve.engine.attention.layout import StepLayout
 from prefixserve.engine.attention.native_decode import NativeDecodeBackend
 from prefixserve.engine.attention.portable import PortableBackend
+from prefixserve.engine.cpu.kernels import load_kernels
+from prefixserve.engine.cpu.native_layers import install_native_layers
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.scheduler import SchedulerOutput
 from prefixserve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +87,13 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.backend = backend or PortableBackend()
+        if isinstance(self.backend, NativeDecodeBackend):
+            kernels, _ = load_kernels()  # built already: the backend's kernel comes from it
+            if kernels is not None:
+                log.info(
+                    "native layer ops for %d norm and attention modules",
+                    install_native_layers(model, kernels),
+                )
         self.device = pool.device
         # A ready 4-D mask makes transformers skip building one; paged attention does not read it.
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)

@@ -23,13 +23,15 @@ import torch
 from prefixserve.engine.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
-SOURCES = (Path(__file__).parent / "csrc" / "paged_decode.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "layer_ops.cpp"))
 CACHE_ENV = "PREFIXSERVE_KERNEL_CACHE"  # where builds are kept; default ~/.cache/prefixserve/kernels
 
 
 @dataclass(frozen=True)
 class Kernels:
     paged_decode: object  # torch.ops.prefixserve.paged_decode
+    rms_norm: object  # torch.ops.prefixserve.rms_norm (layer_ops.cpp)
+    rope_store: object  # torch.ops.prefixserve.rope_store
     build_dir: Path
     build_info: object  # torch.ops.prefixserve.build_info: "threads=2 vector_floats=8"
 
@@ -108,7 +110,8 @@ def load_kernels() -> tuple[Kernels | None, str]:
     except Exception as exc:  # a compiler that fails, a read-only cache: the portable path serves
         return None, f"building the native kernels failed ({type(exc).__name__}: {str(exc)[-500:]})"
     ops = torch.ops.prefixserve
-    return Kernels(ops.paged_decode, build_dir, ops.build_info), f"built in {build_dir} ({ops.build_info()})"
+    kernels = Kernels(ops.paged_decode, ops.rms_norm, ops.rope_store, build_dir, ops.build_info)
+    return kernels, f"built in {build_dir} ({ops.build_info()})"
 
 
 def decode_kernel(

@@ -1,0 +1,147 @@
+// A Llama-class layer's small ops, one pass each instead of a chain of elementwise ops: RMSNorm, and rotary
+// embedding of q and k with k/v stored in the KV pool. In a decode step each of these chains is 8-12 torch
+// ops on a few rows; in a prefill they read and write the activations several times over.
+//
+// Values follow transformers' formulas (Llama's RMSNorm: fp32 statistics, the normalized value rounded to the
+// model's dtype before the weight multiplies it; rotate_half RoPE), computed in fp32 and rounded once where
+// transformers rounds. Every token's result is independent of the others (batch-invariant).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T round_to(float x) {
+  return static_cast<T>(x);
+}
+
+// out = weight * T(x * rsqrt(mean(x^2) + eps)), row by row over the last dimension.
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps) {
+  // Rows are small work (a few microseconds each): a decode step's few rows run on the calling thread.
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * h;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < h; ++i) sum += to_f(xr[i]) * to_f(xr[i]);
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
+      T* o = out + r * h;
+#pragma omp simd
+      for (int64_t i = 0; i < h; ++i) o[i] = round_to<T>(to_f(w[i]) * to_f(round_to<T>(to_f(xr[i]) * inv)));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm: contiguous tensors only");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must have one dtype");
+  const int64_t h = x.size(-1);
+  TORCH_CHECK(weight.numel() == h, "rms_norm: weight must have x's last dimension");
+  at::Tensor out = at::empty_like(x);
+  const int64_t rows = h ? x.numel() / h : 0;
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_rows<float>(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, h, eps);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
+                                 out.data_ptr<c10::BFloat16>(), rows, h, eps);
+  } else {
+    TORCH_CHECK(false, "rms_norm supports float32 and bfloat16, got ", x.scalar_type());
+  }
+  return out;
+}
+
+// One head of d values: dst = x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x[d/2:], x[:d/2]).
+template <typename T>
+inline void rotate(const T* x, const T* cos, const T* sin, T* dst, int64_t d) {
+  const int64_t half = d / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = to_f(x[i]), b = to_f(x[i + half]);
+    dst[i] = round_to<T>(a * to_f(cos[i]) - b * to_f(sin[i]));
+    dst[i + half] = round_to<T>(b * to_f(cos[i + half]) + a * to_f(sin[i + half]));
+  }
+}
+
+// qkv: [tokens, (q_heads + 2 kv_heads) * d], each token's q heads, then k heads, then v heads (one fused GEMM's
+// output); cos, sin: [tokens, d]; pools: [kv_heads, slots, d]; slots: [tokens]. Writes each token's rotated
+// keys and its values to its slot; returns the rotated queries, [tokens, q_heads, d].
+template <typename T>
+void rope_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_pool,
+               at::Tensor& v_pool, const at::Tensor& slots, int64_t q_heads, at::Tensor& q_out) {
+  const int64_t tokens = qkv.size(0), kv_heads = k_pool.size(0), pool_slots = k_pool.size(1), d = k_pool.size(2);
+  const int64_t width = qkv.size(1);
+  const T* src = qkv.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  T* kp = k_pool.data_ptr<T>();
+  T* vp = v_pool.data_ptr<T>();
+  T* qp = q_out.data_ptr<T>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = src + t * width;
+      const T* c = cp + t * d;
+      const T* s = sp + t * d;
+      for (int64_t h = 0; h < q_heads; ++h) rotate(row + h * d, c, s, qp + (t * q_heads + h) * d, d);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        rotate(row + (q_heads + h) * d, c, s, kp + (h * pool_slots + slot[t]) * d, d);
+        const T* v = row + (q_heads + kv_heads + h) * d;
+        T* dst = vp + (h * pool_slots + slot[t]) * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = v[i];
+      }
+    }
+  });
+}
+
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_pool,
+                      at::Tensor v_pool, const at::Tensor& slots, int64_t q_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && cos.dim() == 2 && sin.dim() == 2, "rope_store: qkv [tokens, width], cos/sin [tokens, d]");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes(), "rope_store: pools [kv_heads, slots, d]");
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && k_pool.is_contiguous() &&
+                  v_pool.is_contiguous() && slots.is_contiguous(),
+              "rope_store: contiguous tensors only");
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(cos.scalar_type() == dtype && sin.scalar_type() == dtype && k_pool.scalar_type() == dtype &&
+                  v_pool.scalar_type() == dtype,
+              "rope_store: qkv, cos, sin and the pools must have one dtype");
+  const int64_t tokens = qkv.size(0), kv_heads = k_pool.size(0), d = k_pool.size(2);
+  TORCH_CHECK(d % 2 == 0 && cos.size(1) == d && sin.size(1) == d, "rope_store: an even head size, cos/sin of it");
+  TORCH_CHECK(cos.size(0) == tokens && sin.size(0) == tokens, "rope_store: cos/sin for every token");
+  TORCH_CHECK(qkv.size(1) == (q_heads + 2 * kv_heads) * d, "rope_store: qkv must hold q, k and v heads");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == tokens, "rope_store: one int64 slot per token");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < k_pool.size(1), "rope_store: slot ", slot[t], " is outside the pool");
+  at::Tensor q = at::empty({tokens, q_heads, d}, qkv.options());
+  if (dtype == at::kFloat) {
+    rope_rows<float>(qkv, cos, sin, k_pool, v_pool, slots, q_heads, q);
+  } else if (dtype == at::kBFloat16) {
+    rope_rows<c10::BFloat16>(qkv, cos, sin, k_pool, v_pool, slots, q_heads, q);
+  } else {
+    TORCH_CHECK(false, "rope_store supports float32 and bfloat16, got ", dtype);
+  }
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefixserve, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def(
+      "rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_pool, Tensor(b!) v_pool, Tensor slots, "
+      "int q_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(prefixserve, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope_store", &rope_store);
+}
