@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
-from prefixserve.engine.cpu.kernels import decode_kernel
+from prefixserve.engine.cpu.kernels import native_kernels
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
@@ -128,9 +128,7 @@ def make_engine(
     for i, path in enumerate(adapters):
         registry.put("default", f"a{i}", read_adapter_dir(path))
     limits = EngineLimits(max_batch_size=rows, max_prefill_tokens=1 << 20)
-    return LLMEngine(
-        loaded, registry, limits, paged_decode=decode_kernel(attention, loaded.device, loaded.dtype)
-    )
+    return LLMEngine(loaded, registry, limits, kernels=native_kernels(attention, loaded.device, loaded.dtype))
 
 
 def bench_engine(engine: LLMEngine, prompts: torch.Tensor, n_adapters: int, new: int) -> float:

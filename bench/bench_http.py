@@ -25,7 +25,7 @@ from bench.bench_vs_vllm import load, start_prefixserve
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
-from prefixserve.engine.cpu.kernels import decode_kernel
+from prefixserve.engine.cpu.kernels import native_kernels
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
@@ -48,8 +48,8 @@ def direct(
     )
     for i, path in enumerate(adapters):
         registry.put("default", f"a{i}", read_adapter_dir(path))
-    kernel = decode_kernel("auto", loaded.device, loaded.dtype)
-    engine = LLMEngine(loaded, registry, EngineLimits(max_queue_size=1024), paged_decode=kernel)
+    kernels = native_kernels("auto", loaded.device, loaded.dtype)
+    engine = LLMEngine(loaded, registry, EngineLimits(max_queue_size=1024), kernels=kernels)
     engine.start()
     params = SamplingParams(max_new_tokens=32)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
-from prefixserve.engine.cpu.kernels import decode_kernel
+from prefixserve.engine.cpu.kernels import native_kernels
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
@@ -85,7 +85,7 @@ def make_engine(
         limits,
         prefix_caching=prefix_caching,
         cache_scope=cache_scope,
-        paged_decode=decode_kernel(attention, loaded.device, loaded.dtype),
+        kernels=native_kernels(attention, loaded.device, loaded.dtype),
     )
 
 

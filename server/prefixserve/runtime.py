@@ -12,7 +12,7 @@ from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store import AdapterStore
 from prefixserve.adapters.stores import open_store
 from prefixserve.config import Settings
-from prefixserve.engine.cpu.kernels import decode_kernel
+from prefixserve.engine.cpu.kernels import native_kernels
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import LoadedModel, load_model
@@ -86,6 +86,6 @@ def build_runtime(settings: Settings) -> Runtime:
         limits,
         prefix_caching=settings.prefix_caching,
         cache_scope=CacheScope(settings.prefix_cache_scope),
-        paged_decode=decode_kernel(settings.attention_backend, loaded.device, loaded.dtype),
+        kernels=native_kernels(settings.attention_backend, loaded.device, loaded.dtype),
     )
     return Runtime(settings, loaded, store, registry, engine)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from prefixserve.adapters.kv_prefix import KVShape, LoadedPrefix
-from prefixserve.engine.attention.portable import PortableBackend
 from prefixserve.engine.block_manager import BlockManager, RowBlocks
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.model_runner import ModelRunner
@@ -43,7 +42,7 @@ def test_prepare_computes_positions_slots_and_contexts_from_block_tables():
         assert blocks.grow(seq.blocks, computed + n)
         seq.num_computed = computed
         out.rows.append(ScheduledRow(seq, n))
-    batch = ModelRunner(None, pool, PortableBackend()).prepare(out)
+    batch = ModelRunner(None, pool).prepare(out)  # no kernels: the portable backend
 
     expect_ids, expect_positions, expect_slots, contexts = [], [], [], []
     for row in out.rows:

@@ -10,7 +10,6 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -20,13 +19,14 @@ from prefixserve import metrics
 from prefixserve.adapters.ids import AdapterRef
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.engine.block_manager import BlockManager
+from prefixserve.engine.cpu.kernels import Kernels
 from prefixserve.engine.cpu.threads import mark_engine_thread
 from prefixserve.engine.detokenizer import OutputText
 from prefixserve.engine.errors import EngineStoppedError
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import LoadedModel
-from prefixserve.engine.model_runner import ModelRunner, backend_for
+from prefixserve.engine.model_runner import ModelRunner
 from prefixserve.engine.prefix_cache import CacheScope, cache_root
 from prefixserve.engine.reporter import Reporter
 from prefixserve.engine.sampling import make_generator, sample
@@ -51,7 +51,7 @@ class LLMEngine:
         limits: EngineLimits,
         prefix_caching: bool = True,
         cache_scope: CacheScope = CacheScope.TENANT,
-        paged_decode: Callable[..., torch.Tensor] | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         self.loaded = loaded
         self.registry = registry
@@ -64,7 +64,8 @@ class LLMEngine:
         self.pool = KVPool.sized(
             loaded.kv_shape, limits.kv_cache_mb, limits.block_size, loaded.dtype, loaded.device
         )
-        self.runner = ModelRunner(loaded.model, self.pool, backend_for(paged_decode))
+        self.runner = ModelRunner(loaded.model, self.pool, kernels)
+        self._greedy = kernels.greedy_pick if kernels is not None else None
         self.scheduler = Scheduler(
             BlockManager(self.pool.num_blocks, self.pool.block_size),
             limits.max_batch_size,
@@ -164,7 +165,7 @@ class LLMEngine:
                 metrics.REQUEST_QUEUE_DURATION.observe(now - row.seq.arrival_time)
         try:
             logits = self.runner.run(out)
-            sampled = sample(logits.sampling, out.sampling, self.scheduler.eos_token_ids)
+            sampled = sample(logits.sampling, out.sampling, self.scheduler.eos_token_ids, self._greedy)
             prompt_scores = self.reporter.prompt_scores(logits)
         except Exception as exc:  # keep serving the others; these rows fail with a message
             log.exception("forward pass failed for %d rows", len(out.rows))

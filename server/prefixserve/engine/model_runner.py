@@ -13,7 +13,6 @@ positions of rows that asked for their prompt's log-probabilities.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ from prefixserve.engine.attention import BATCH_KWARG, AttentionBackend, Attentio
 from prefixserve.engine.attention.layout import StepLayout
 from prefixserve.engine.attention.native_decode import NativeDecodeBackend
 from prefixserve.engine.attention.portable import PortableBackend
-from prefixserve.engine.cpu.kernels import load_kernels
+from prefixserve.engine.cpu.kernels import Kernels
 from prefixserve.engine.cpu.native_layers import install_native_layers
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.scheduler import SchedulerOutput
@@ -45,7 +44,7 @@ class PromptChunkLogits:
 
 @dataclass
 class StepLogits:
-    sampling: torch.Tensor  # float32 [rows that sample, vocab], in `step.sampling` order
+    sampling: torch.Tensor  # [rows that sample, vocab] in the model's dtype, in `step.sampling` order
     prompt: list[PromptChunkLogits] = field(default_factory=list)
 
 
@@ -77,23 +76,16 @@ class StepBatch:
     scoring: list[PromptScoring] = field(default_factory=list)
 
 
-def backend_for(paged_decode: Callable[..., torch.Tensor] | None) -> AttentionBackend:
-    """The native kernel's backend where it was built (engine/cpu/kernels.py), the portable one otherwise."""
-    return PortableBackend() if paged_decode is None else NativeDecodeBackend(paged_decode)
-
-
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, pool: KVPool, backend: AttentionBackend | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, pool: KVPool, kernels: Kernels | None = None) -> None:
+        """With `kernels` (engine/cpu/kernels.py): the native attention backend and layer ops; without, plain
+        PyTorch throughout (the portable backend)."""
         self.model = model
         self.pool = pool
-        self.backend = backend or PortableBackend()
-        if isinstance(self.backend, NativeDecodeBackend):
-            kernels, _ = load_kernels()  # built already: the backend's kernel comes from it
-            if kernels is not None:
-                log.info(
-                    "native layer ops for %d norm and attention modules",
-                    install_native_layers(model, kernels),
-                )
+        self.backend: AttentionBackend = PortableBackend()
+        if kernels is not None:
+            self.backend = NativeDecodeBackend(kernels.paged_decode, kernels.store_kv)
+            log.info("native layer ops for %d modules", install_native_layers(model, kernels))
         self.device = pool.device
         # A ready 4-D mask makes transformers skip building one; paged attention does not read it.
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -166,7 +158,7 @@ class ModelRunner:
             logits_to_keep=batch.logits_indices,
             **{BATCH_KWARG: attention},
         ).logits[0]
-        out = StepLogits(logits[: batch.num_sampling].float())
+        out = StepLogits(logits[: batch.num_sampling])
         at = batch.num_sampling
         for s in batch.scoring:
             targets = s.seq.token_ids[s.first + 1 : s.first + 1 + s.count]

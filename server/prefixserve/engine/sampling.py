@@ -10,7 +10,7 @@ grammar allows) fails alone: the other rows of the step get exactly the tokens t
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +33,26 @@ class Sampled:
     errors: dict[int, str] = field(default_factory=dict)  # rows that failed: a message each
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection[int] = ()) -> Sampled:
-    """Pick one token per row of `logits` ([rows, vocab], float32)."""
+GreedyPick = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # logits -> (tokens, log-probs)
+
+
+def sample(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    eos_token_ids: Collection[int] = (),
+    greedy: GreedyPick | None = None,
+) -> Sampled:
+    """Pick one token per row of `logits` ([rows, vocab], any float dtype). `greedy`, the native op
+    (engine/cpu/csrc/greedy.cpp), serves a step whose rows all take the most likely token as it is and report
+    no alternatives, in one pass over each row: most decode steps."""
+    if greedy is not None and all(_plain_greedy(s) for s in seqs):
+        tokens, chosen = greedy(logits)
+        out, logprobs = tokens.tolist(), chosen.tolist()
+        failed = {i: NON_FINITE for i, token in enumerate(out) if token < 0}
+        for i in failed:
+            logprobs[i] = 0.0
+        return Sampled(out, logprobs, [[] for _ in seqs], failed)
+    logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     # -inf is a masked token; NaN, +inf, or nothing finite at all is a failure (argmax would pick token 0,
     # often end-of-sequence, and the request would end looking successful).
@@ -57,6 +75,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Collection
     for i in failed:
         out[i], chosen[i] = -1, 0.0
     return Sampled(out, chosen, top_logprobs(logprobs, [s.params.logprobs for s in seqs]), failed)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return not (p.do_sample or p.processes_logits or seq.constraint is not None or p.logprobs)
 
 
 def _broken(scores: torch.Tensor) -> list[int]:

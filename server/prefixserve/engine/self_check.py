@@ -75,7 +75,7 @@ def run_rows(runner: ModelRunner, blocks: BlockManager, rows: list[tuple[Sequenc
                 out.prefix_fills.append((fill, seq.prefix))
         assert blocks.grow(seq.blocks, seq.num_computed + n), "the check's pool is too small"
         out.rows.append(ScheduledRow(seq, n))
-    logits = runner.run(out).sampling
+    logits = runner.run(out).sampling.float()
     for seq, n in rows:
         seq.num_computed += n
     return logits

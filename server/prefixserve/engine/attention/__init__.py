@@ -2,8 +2,8 @@
 
 The engine runs a step as one flat sequence of tokens from many rows (no padding): `input_ids` [1, N]. Each
 layer's attention module computes queries, keys and values (with its own rotary embedding, norms, biases) and
-calls `paged_attention` (registered under ATTN_IMPLEMENTATION), which writes the new keys/values into the pool
-and hands the queries to the step's backend, which attends, for every row, over exactly the slots that row
+calls `paged_attention` (registered under ATTN_IMPLEMENTATION), which has the step's backend write the new keys/values into the
+pool and attend, for every row, over exactly the slots that row
 holds (its adapter prefix, then its own tokens).
 
 A backend (`AttentionBackend`) builds its metadata once per step from the step's `StepLayout` (layout.py:
@@ -34,6 +34,17 @@ BATCH_KWARG = "prefixserve_batch"
 
 class AttentionBackend(Protocol):
     name: str
+
+    def store(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        """Write the step's new keys and values ([kv_heads, N, head_dim], any strides) to their slots ([N])."""
+        ...
 
     def build(self, layout: StepLayout, pool: KVPool) -> Any:
         """The step's metadata, built once, read by every layer's `forward`."""
@@ -83,8 +94,9 @@ def paged_attention(
         raise NotImplementedError("attention logit soft-capping and sinks are not supported")
     layer = module.layer_idx
     k_pool, v_pool = batch.pool.keys[layer], batch.pool.values[layer]  # [kv_heads, slots, head_dim]
-    k_pool.index_copy_(1, batch.slot_mapping, key[0].to(k_pool.dtype))
-    v_pool.index_copy_(1, batch.slot_mapping, value[0].to(v_pool.dtype))
+    batch.backend.store(
+        key[0].to(k_pool.dtype), value[0].to(v_pool.dtype), k_pool, v_pool, batch.slot_mapping
+    )
     q = query[0]  # [q_heads, N, head_dim]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     out = torch.empty_like(q)

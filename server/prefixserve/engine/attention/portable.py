@@ -186,10 +186,18 @@ def _gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return pool.view(-1, pool.shape[-1]).index_select(0, index)
 
 
+def store(
+    key: torch.Tensor, value: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor
+) -> None:
+    k_pool.index_copy_(1, slots, key)
+    v_pool.index_copy_(1, slots, value)
+
+
 class PortableBackend:
     """Every row through `group_rows` and SDPA: runs wherever torch does; the reference for the others."""
 
     name = "portable"
+    store = staticmethod(store)
     forward = staticmethod(attend_groups)
 
     def build(self, layout: StepLayout, pool: KVPool) -> list[RowGroup]:

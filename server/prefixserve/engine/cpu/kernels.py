@@ -23,17 +23,22 @@ import torch
 from prefixserve.engine.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "layer_ops.cpp"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("paged_decode.cpp", "layer_ops.cpp", "greedy.cpp"))
 CACHE_ENV = "PREFIXSERVE_KERNEL_CACHE"  # where builds are kept; default ~/.cache/prefixserve/kernels
 
 
 @dataclass(frozen=True)
 class Kernels:
-    paged_decode: object  # torch.ops.prefixserve.paged_decode
-    rms_norm: object  # torch.ops.prefixserve.rms_norm (layer_ops.cpp)
-    rope_store: object  # torch.ops.prefixserve.rope_store
+    """The native ops (torch.ops.prefixserve.*), each from the source file its comment names."""
+
+    paged_decode: Callable[..., None]  # paged_decode.cpp
+    rms_norm: Callable[..., torch.Tensor]  # layer_ops.cpp
+    rope_store: Callable[..., torch.Tensor]  # layer_ops.cpp
+    store_kv: Callable[..., None]  # layer_ops.cpp
+    greedy_pick: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # greedy.cpp
     build_dir: Path
-    build_info: object  # torch.ops.prefixserve.build_info: "threads=2 vector_floats=8"
+    build_info: Callable[[], str]  # paged_decode.cpp: "threads=2 vector_floats=8"
 
 
 def _cpu_flags() -> set[str]:
@@ -63,7 +68,7 @@ def _build_signature(flags: list[str]) -> str:
     """What the build depends on: -march=native compiles for this CPU, so another CPU gets its own build."""
     cpu = sorted(_cpu_flags())
     parts = [platform.machine(), " ".join(cpu), " ".join(flags), torch.__version__]
-    parts += [p.read_text() for p in SOURCES]
+    parts += [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -110,15 +115,21 @@ def load_kernels() -> tuple[Kernels | None, str]:
     except Exception as exc:  # a compiler that fails, a read-only cache: the portable path serves
         return None, f"building the native kernels failed ({type(exc).__name__}: {str(exc)[-500:]})"
     ops = torch.ops.prefixserve
-    kernels = Kernels(ops.paged_decode, ops.rms_norm, ops.rope_store, build_dir, ops.build_info)
+    kernels = Kernels(
+        ops.paged_decode,
+        ops.rms_norm,
+        ops.rope_store,
+        ops.store_kv,
+        ops.greedy_pick,
+        build_dir,
+        ops.build_info,
+    )
     return kernels, f"built in {build_dir} ({ops.build_info()})"
 
 
-def decode_kernel(
-    backend: str, device: torch.device, dtype: torch.dtype
-) -> Callable[..., torch.Tensor] | None:
-    """The kernel for decoding rows that --attention-backend asks for (None: the portable path). `native`
-    where it cannot run is a start-up error; `auto` falls back, saying why."""
+def native_kernels(backend: str, device: torch.device, dtype: torch.dtype) -> Kernels | None:
+    """The native kernels where --attention-backend asks for them and they can run (None: the portable path,
+    plain PyTorch throughout). `native` where they cannot run is a start-up error; `auto` falls back, saying why."""
     if backend == "portable":
         log.info("attention: the portable path (gather + matmul), as --attention-backend asks")
         return None
@@ -139,5 +150,5 @@ def decode_kernel(
             )
         log.warning("attention: the portable path (gather + matmul), since %s", why_not)
         return None
-    log.info("attention: the native paged decode kernel (%s)", how)
-    return kernels.paged_decode
+    log.info("attention and layer ops: the native kernels (%s)", how)
+    return kernels

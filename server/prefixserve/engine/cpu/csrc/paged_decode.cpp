@@ -1,11 +1,16 @@
 // Paged decode attention on the CPU: one query token per row, attending over that row's slots of the KV pool,
 // read in place in the pool's dtype (fp32 or bf16): no gather, no cast to a new tensor, no padding.
 //
-// Work is split over (group of rows, kv head) across torch's threads; each task handles the query heads that
-// share its kv head (GQA without repeating K/V) for every row of its group, whose leading slots (an adapter
-// prefix, prompt blocks from the prompt cache) are the same and are read once for all of them, in fp32, in at::vec registers (AVX2 or AVX-512 where the build says so,
-// plain loops elsewhere), with a fixed order of operations per row: a row's result depends neither on the other
-// rows of the step (batch-invariant) nor on the number of threads.
+// One task is one (kv head, row): the query heads that share the kv head (GQA without repeating K/V) over the
+// row's slots, in fp32. Tasks run head by head, rows in the caller's order, so rows whose contexts begin with
+// the same slots (an adapter prefix, a cached system prompt), put next to each other by the caller, find those
+// slots in this core's cache. A row's result depends only on its own query and slots, computed in a fixed
+// order: neither on the other rows of the step (batch-invariant) nor on the number of threads.
+//
+// Scores are computed W keys at a time (W = floats per vector register): each key's dot product accumulates in
+// a register of its own, and one transposing reduction turns the W registers into W scores, instead of a
+// horizontal sum per key. bf16 keys and values are widened to fp32 in registers as they are loaded. Head sizes
+// that are not a whole number of vectors take a plain loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -13,219 +18,284 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "vec_load.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include <algorithm>
-#include <cstring>
+#include <atomic>
+#include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t W = Vec::size();
-static_assert(16 % W == 0, "shared slot counts come in multiples of 16: whole vectors");
-constexpr int64_t TILE = 64;  // keys whose values are summed per pass: a tile of V stays in L1 for every query head
-
-// A pool row as fp32: fp32 rows are read where they are; bf16 ones are widened into `buf`.
-inline const float* as_float(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
-
-inline const float* as_float(const c10::BFloat16* src, float* buf, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
-    float f;
-    std::memcpy(&f, &widened, sizeof(f));
-    buf[i] = f;
-  }
-  return buf;
-}
+using prefixserve::load;
+using prefixserve::Vec;
+using prefixserve::W;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
 }
 
-// q . k over d values; D: d when known at compile time (the loop unrolls fully), else 0.
-template <int64_t D>
-inline float dot(const float* q, const float* k, int64_t d) {
-  const int64_t n = D ? D : d, full = n - n % (2 * W);
-  Vec a0(0.f), a1(0.f);
-  for (int64_t i = 0; i < full; i += 2 * W) {
-    a0 = at::vec::fmadd(Vec::loadu(q + i), Vec::loadu(k + i), a0);
-    a1 = at::vec::fmadd(Vec::loadu(q + i + W), Vec::loadu(k + i + W), a1);
+// Lane t of the result is the sum of the lanes of acc[t]: W horizontal sums in one transposing tree.
+inline Vec sum_each(const Vec* acc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 pairs[8], quads[4], halves[2];
+  for (int i = 0; i < 8; ++i) {  // within each 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
+    const __m512 a = acc[2 * i], b = acc[2 * i + 1];
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
   }
-  float acc = hsum(a0 + a1);
-  for (int64_t i = full; i < n; ++i) acc += q[i] * k[i];
-  return acc;
+  for (int i = 0; i < 4; ++i) {  // each 128-bit lane: the lane's sum of four accumulators
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes 0+1 and 2+3 of quads 2i and 2i+1
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+  return Vec(_mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                           _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 pairs[4], quads[2];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 a = acc[2 * i], b = acc[2 * i + 1];
+    pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  }
+  for (int i = 0; i < 2; ++i) {
+    const __m256d a = _mm256_castps_pd(pairs[2 * i]), b = _mm256_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+  }
+  return Vec(_mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
+                           _mm256_permute2f128_ps(quads[0], quads[1], 0x31)));
+#else
+  float buf[W];
+  for (int64_t t = 0; t < W; ++t) buf[t] = hsum(acc[t]);
+  return Vec::loadu(buf);
+#endif
 }
 
-// out[0:d] += sum over the tile's keys t of p[t] * v_t.
-template <int64_t D>
-inline void weighted_sum(const float* p, const float* const* v, int64_t keys, float* out, int64_t d) {
-  const int64_t n = D ? D : d, full = n - n % W;
-  if constexpr (D > 0 && D % W == 0 && D / W <= 16) {
-    Vec acc[D / W];
-    for (int64_t c = 0; c < D / W; ++c) acc[c] = Vec::loadu(out + c * W);
-    for (int64_t t = 0; t < keys; ++t) {
-      const Vec w(p[t]);
-      for (int64_t c = 0; c < D / W; ++c) acc[c] = at::vec::fmadd(w, Vec::loadu(v[t] + c * W), acc[c]);
-    }
-    for (int64_t c = 0; c < D / W; ++c) acc[c].store(out + c * W);
-  } else {
-    for (int64_t t = 0; t < keys; ++t) {
-      const Vec w(p[t]);
-      for (int64_t i = 0; i < full; i += W)
-        at::vec::fmadd(w, Vec::loadu(v[t] + i), Vec::loadu(out + i)).store(out + i);
-      for (int64_t i = full; i < n; ++i) out[i] += p[t] * v[t][i];
-    }
-  }
-}
-
-// Turns scores[0:len] into exp(score - max) in place; returns their sum. `len` is padded to W with -inf.
+// Turns scores[0:padded] into exp(score - max) in place; returns their sum. Padding holds -inf: it becomes
+// exp(-87) (see exp_floored), and only the row's real keys are summed with the values.
 inline float exp_normalize(float* s, int64_t padded) {
-  Vec top(-std::numeric_limits<float>::infinity());
+  Vec top(NEG_INF);
   for (int64_t j = 0; j < padded; j += W) top = at::vec::maximum(top, Vec::loadu(s + j));
   const Vec m(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, top));
   Vec sum(0.f);
   for (int64_t j = 0; j < padded; j += W) {
-    const Vec e = (Vec::loadu(s + j) - m).exp();
+    const Vec e = prefixserve::exp_floored(Vec::loadu(s + j) - m);
     e.store(s + j);
     sum = sum + e;
   }
   return hsum(sum);
 }
 
-// q: [rows, q_heads, d]; k_pool, v_pool: [kv_heads, pool_slots, d]; slots: [total]; starts: [rows + 1];
-// groups: [num_groups + 1] row ranges; shared: [num_groups] leading slots that every row of a group has in
-// common (the same pool slots: its adapter prefix, cached prompt blocks), read once for the whole group.
-template <typename T, int64_t D>
-void decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& slots,
-            const at::Tensor& starts, const at::Tensor& groups, const at::Tensor& shared, double scale,
-            at::Tensor& out) {
-  const int64_t q_heads = q.size(1), d = D ? D : q.size(2);
-  const int64_t kv_heads = k_pool.size(0), pool_slots = k_pool.size(1);
-  const int64_t group = q_heads / kv_heads, num_groups = shared.numel();
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_pool.data_ptr<T>();
-  const T* vp = v_pool.data_ptr<T>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t* st = starts.data_ptr<int64_t>();
-  const int64_t* gp = groups.data_ptr<int64_t>();
-  const int64_t* shp = shared.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
-  const float fscale = static_cast<float>(scale);
-  constexpr bool widen = !std::is_same_v<T, float>;
+template <typename T>
+inline void store_row(const float* src, float scale, T* dst, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(src[c] * scale);
+}
 
-  at::parallel_for(0, num_groups * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, acc, wide(widen ? TILE * d : 0), scores, total;
-    std::vector<int64_t> offset, padded;
-    std::vector<const float*> tile(TILE);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t gi = task / kv_heads, h = task % kv_heads;
-      const int64_t r0 = gp[gi], rows = gp[gi + 1] - r0, common = shp[gi];
-      const T* kh = kp + h * pool_slots * d;
-      const T* vh = vp + h * pool_slots * d;
-      // Row i's query head g scores keys at scores[offset[i] + g * padded[i] + j], padded to W with -inf.
-      // `common` is a multiple of W, so a row's scores, sums and weighted sums see its keys in the same order
-      // and the same vector lanes as when it is alone: sharing a prefix changes no bit of its result.
-      offset.assign(rows + 1, 0);
-      padded.resize(rows);
-      for (int64_t i = 0; i < rows; ++i) {
-        padded[i] = (st[r0 + i + 1] - st[r0 + i] + W - 1) / W * W;
-        offset[i + 1] = offset[i] + group * padded[i];
+// One task's inputs: a row's query heads for one kv head, and that head's pools.
+template <typename T>
+struct Task {
+  const T* q;        // [group, d] the query heads sharing the kv head (rows of q_stride)
+  int64_t q_stride;  // elements between query heads
+  T* out;            // written like q
+  int64_t out_stride;
+  const T* keys;     // [pool_slots, d] of this kv head
+  const T* values;
+  const int64_t* slots;  // the row's slots, in context order
+  int64_t len;
+  int64_t group;
+  // The next task's slots of this head (its row; nullptr at the end): prefetched while this one computes, so
+  // its keys and values, scattered over the pool block by block, are in cache when it starts.
+  const int64_t* next_slots;
+  int64_t next_len;
+};
+
+// Brings the rows of slots[from:to] of `base` ([slots, d]) towards this core's cache.
+template <typename T>
+inline void prefetch_slots(const T* base, const int64_t* slots, int64_t from, int64_t to, int64_t d) {
+  constexpr int64_t LINE = 64;
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = from; j < to; ++j) {
+    const char* row = reinterpret_cast<const char*>(base + slots[j] * d);
+    for (int64_t b = 0; b < bytes; b += LINE) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
+// Per-thread scratch, grown as needed and reused across tasks and calls.
+struct Scratch {
+  std::vector<float> q, scores, acc;
+};
+
+// Head size d = NV whole vectors: scores W keys at a time, values summed in registers.
+template <typename T, int NV>
+void attend(const Task<T>& t, float scale, Scratch& s) {
+  constexpr int64_t D = NV * W;
+  constexpr int HEADS_PER_PASS = NV <= 4 ? 4 : NV <= 8 ? 2 : 1;  // accumulators in registers, per pass over V
+  const int64_t padded = (t.len + W - 1) / W * W, group = t.group;
+  s.q.resize(group * D);
+  s.scores.resize(group * padded);
+  for (int64_t g = 0; g < group; ++g)
+    for (int c = 0; c < NV; ++c) (load(t.q + g * t.q_stride + c * W) * Vec(scale)).store(s.q.data() + g * D + c * W);
+  const int64_t tiles = padded / W;
+  for (int64_t j0 = 0; j0 < padded; j0 += W) {
+    if (t.next_slots != nullptr) {  // the next row's keys and values, spread over this row's tiles
+      const int64_t i = j0 / W, from = i * t.next_len / tiles, to = (i + 1) * t.next_len / tiles;
+      prefetch_slots(t.keys, t.next_slots, from, to, D);
+      prefetch_slots(t.values, t.next_slots, from, to, D);
+    }
+    const int64_t n = std::min(W, t.len - j0);
+    const T* key[W];
+    for (int64_t k = 0; k < W; ++k) key[k] = t.keys + t.slots[j0 + std::min(k, n - 1)] * D;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = s.q.data() + g * D;
+      Vec acc[W];
+      for (int64_t k = 0; k < W; ++k) {
+        Vec a = load(key[k]) * Vec::loadu(qg);
+        for (int c = 1; c < NV; ++c) a = at::vec::fmadd(Vec::loadu(qg + c * W), load(key[k] + c * W), a);
+        acc[k] = a;
       }
-      scores.assign(offset[rows], -std::numeric_limits<float>::infinity());
-      qf.resize(rows * group * d);
-      acc.assign(rows * group * d, 0.f);
-      total.resize(rows * group);
-      for (int64_t i = 0; i < rows * group; ++i) {
-        const int64_t r = r0 + i / group, g = i % group;
-        float* dst = qf.data() + i * d;
-        const float* src = as_float(qp + (r * q_heads + h * group + g) * d, dst, d);
-        for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * fscale;
-      }
-      auto score = [&](int64_t i, int64_t g, int64_t j) -> float& { return scores[offset[i] + g * padded[i] + j]; };
-      for (int64_t j = 0; j < common; ++j) {  // shared keys: read once, scored by every query of the group
-        const float* k = as_float(kh + sp[st[r0] + j] * d, wide.data(), d);
-        for (int64_t i = 0; i < rows * group; ++i) score(i / group, i % group, j) = dot<D>(qf.data() + i * d, k, d);
-      }
-      for (int64_t i = 0; i < rows; ++i) {  // each row's own keys
-        const int64_t first = st[r0 + i], len = st[r0 + i + 1] - first;
-        for (int64_t j = common; j < len; ++j) {
-          const float* k = as_float(kh + sp[first + j] * d, wide.data(), d);
-          for (int64_t g = 0; g < group; ++g) score(i, g, j) = dot<D>(qf.data() + (i * group + g) * d, k, d);
-        }
-      }
-      for (int64_t i = 0; i < rows * group; ++i)
-        total[i] = exp_normalize(&score(i / group, i % group, 0), padded[i / group]);
-      auto sum_values = [&](int64_t i_begin, int64_t i_end, int64_t first, int64_t j_begin, int64_t j_end) {
-        for (int64_t j0 = j_begin; j0 < j_end; j0 += TILE) {
-          const int64_t keys = std::min(TILE, j_end - j0);
-          for (int64_t t = 0; t < keys; ++t)
-            tile[t] = as_float(vh + sp[first + j0 + t] * d, wide.data() + (widen ? t * d : 0), d);
-          for (int64_t i = i_begin; i < i_end; ++i)
-            for (int64_t g = 0; g < group; ++g)
-              weighted_sum<D>(&score(i, g, j0), tile.data(), keys, acc.data() + (i * group + g) * d, d);
-        }
-      };
-      sum_values(0, rows, st[r0], 0, common);  // shared values, read once
-      for (int64_t i = 0; i < rows; ++i) sum_values(i, i + 1, st[r0 + i], common, st[r0 + i + 1] - st[r0 + i]);
-      for (int64_t i = 0; i < rows * group; ++i) {
-        const int64_t r = r0 + i / group, g = i % group;
-        T* o = op + (r * q_heads + h * group + g) * d;
-        const float inv = 1.f / total[i];
-        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[i * d + c] * inv);
+      float* dst = s.scores.data() + g * padded + j0;
+      sum_each(acc).store(dst);
+      for (int64_t k = n; k < W; ++k) dst[k] = NEG_INF;
+    }
+  }
+  float total[64];  // group <= 64 (checked by the caller)
+  for (int64_t g = 0; g < group; ++g) total[g] = exp_normalize(s.scores.data() + g * padded, padded);
+  float row[D];
+  for (int64_t g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {
+    const int heads = static_cast<int>(std::min<int64_t>(HEADS_PER_PASS, group - g0));
+    Vec acc[HEADS_PER_PASS][NV];
+    for (int h = 0; h < HEADS_PER_PASS; ++h)
+      for (int c = 0; c < NV; ++c) acc[h][c] = Vec(0.f);
+    const float* p = s.scores.data() + g0 * padded;
+    for (int64_t j = 0; j < t.len; ++j) {
+      const T* v = t.values + t.slots[j] * D;
+      Vec vv[NV];
+      for (int c = 0; c < NV; ++c) vv[c] = load(v + c * W);
+      for (int h = 0; h < HEADS_PER_PASS; ++h) {
+        if (h >= heads) break;
+        const Vec w(p[h * padded + j]);
+        for (int c = 0; c < NV; ++c) acc[h][c] = at::vec::fmadd(w, vv[c], acc[h][c]);
       }
     }
-  });
+    for (int h = 0; h < heads; ++h) {
+      for (int c = 0; c < NV; ++c) acc[h][c].store(row + c * W);
+      store_row(row, 1.f / total[g0 + h], t.out + (g0 + h) * t.out_stride, D);
+    }
+  }
+}
+
+// Any head size: plain loops, the same arithmetic in another order.
+template <typename T>
+void attend_any(const Task<T>& t, int64_t d, float scale, Scratch& s) {
+  const int64_t padded = (t.len + W - 1) / W * W;
+  s.scores.resize(padded);
+  s.acc.resize(d);
+  s.q.resize(d);
+  for (int64_t g = 0; g < t.group; ++g) {
+    const T* qg = t.q + g * t.q_stride;
+    for (int64_t c = 0; c < d; ++c) s.q[c] = static_cast<float>(qg[c]) * scale;
+    for (int64_t j = 0; j < t.len; ++j) {
+      const T* k = t.keys + t.slots[j] * d;
+      float dot = 0.f;
+      for (int64_t c = 0; c < d; ++c) dot += s.q[c] * static_cast<float>(k[c]);
+      s.scores[j] = dot;
+    }
+    std::fill(s.scores.begin() + t.len, s.scores.end(), NEG_INF);
+    const float total = exp_normalize(s.scores.data(), padded);
+    std::fill(s.acc.begin(), s.acc.end(), 0.f);
+    for (int64_t j = 0; j < t.len; ++j) {
+      const T* v = t.values + t.slots[j] * d;
+      for (int64_t c = 0; c < d; ++c) s.acc[c] += s.scores[j] * static_cast<float>(v[c]);
+    }
+    store_row(s.acc.data(), 1.f / total, t.out + g * t.out_stride, d);
+  }
 }
 
 template <typename T>
-void dispatch_head_size(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                        const at::Tensor& slots, const at::Tensor& starts, const at::Tensor& groups,
-                        const at::Tensor& shared, double scale, at::Tensor& out) {
-  switch (q.size(2)) {
-    case 64: return decode<T, 64>(q, k_pool, v_pool, slots, starts, groups, shared, scale, out);
-    case 128: return decode<T, 128>(q, k_pool, v_pool, slots, starts, groups, shared, scale, out);
-    default: return decode<T, 0>(q, k_pool, v_pool, slots, starts, groups, shared, scale, out);
-  }
+void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tokens,
+         const at::Tensor& slots, const at::Tensor& starts, double scale, at::Tensor& out) {
+  const int64_t rows = tokens.numel(), q_heads = q.size(1), d = q.size(2);
+  const int64_t kv_heads = k_pool.size(0), pool_slots = k_pool.size(1), group = q_heads / kv_heads;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_pool.data_ptr<T>();
+  const T* vp = v_pool.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* st = starts.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+  std::atomic<bool> outside{false};
+  // Head-major: a thread takes whole runs of rows for one kv head, so neighbouring rows' shared slots stay hot.
+  at::parallel_for(0, kv_heads * rows, 1, [&](int64_t begin, int64_t end) {
+    thread_local Scratch scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / rows, r = task % rows;
+      const int64_t* row_slots = sp + st[r];
+      const int64_t len = st[r + 1] - st[r];
+      bool inside = true;
+      for (int64_t j = 0; j < len; ++j) inside &= row_slots[j] >= 0 && row_slots[j] < pool_slots;
+      if (!inside) {
+        outside = true;
+        continue;
+      }
+      const bool last = r + 1 == rows;
+      const Task<T> t{qp + tok[r] * q.stride(0) + h * group * q.stride(1), q.stride(1),
+                      op + tok[r] * out.stride(0) + h * group * out.stride(1), out.stride(1),
+                      kp + h * pool_slots * d, vp + h * pool_slots * d, row_slots, len, group,
+                      last ? nullptr : sp + st[r + 1], last ? 0 : st[r + 2] - st[r + 1]};
+      switch (d % W ? 0 : d / W) {
+        case 4: attend<T, 4>(t, fscale, scratch); break;
+        case 5: attend<T, 5>(t, fscale, scratch); break;
+        case 6: attend<T, 6>(t, fscale, scratch); break;
+        case 8: attend<T, 8>(t, fscale, scratch); break;
+        case 16: attend<T, 16>(t, fscale, scratch); break;
+        default: attend_any(t, d, fscale, scratch);
+      }
+    }
+  });
+  TORCH_CHECK(!outside, "paged_decode: a slot is outside the pool");
 }
 
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                        const at::Tensor& slots, const at::Tensor& starts, const at::Tensor& groups,
-                        const at::Tensor& shared, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.dim() == 3, "q [rows, heads, d], pools [kv_heads, slots, d]");
-  TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "contiguous tensors only");
-  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && k_pool.scalar_type() == v_pool.scalar_type(),
-              "q and the pools must have one dtype");
+// q: [N, q_heads, d], out: the same shape (any strides, d contiguous); k_pool, v_pool: [kv_heads, slots, d];
+// tokens: [rows] which of the N queries each row is; slots: each row's slots, one row after another, where
+// starts: [rows + 1] says. Writes out[tokens[r]] for every row; leaves the other tokens of `out` alone.
+void paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& tokens,
+                  const at::Tensor& slots, const at::Tensor& starts, double scale, at::Tensor out) {
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.dim() == 3, "q [N, heads, d], pools [kv_heads, slots, d]");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out must be contiguous in their last dimension");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.sizes() == v_pool.sizes(),
+              "contiguous pools of one shape");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && k_pool.scalar_type() == v_pool.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "q, out and the pools must have one dtype");
   TORCH_CHECK(q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(0) == 0, "head sizes do not match");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && starts.scalar_type() == at::kLong, "int64 slots and starts");
-  TORCH_CHECK(starts.numel() == q.size(0) + 1, "starts must have rows + 1 entries");
-  TORCH_CHECK(groups.scalar_type() == at::kLong && shared.scalar_type() == at::kLong, "int64 groups and shared");
-  TORCH_CHECK(groups.numel() == shared.numel() + 1, "groups must have one entry more than shared");
-  const int64_t* gp = groups.data_ptr<int64_t>();
-  const int64_t* shp = shared.data_ptr<int64_t>();
+  TORCH_CHECK(q.size(1) / k_pool.size(0) <= 64, "at most 64 query heads per kv head");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && starts.scalar_type() == at::kLong,
+              "int64 tokens, slots and starts");
+  TORCH_CHECK(tokens.is_contiguous() && slots.is_contiguous() && starts.is_contiguous(), "contiguous indices");
+  TORCH_CHECK(starts.numel() == tokens.numel() + 1, "starts must have rows + 1 entries");
   const int64_t* st = starts.data_ptr<int64_t>();
-  TORCH_CHECK(gp[0] == 0 && gp[shared.numel()] == q.size(0), "groups must cover the rows, from 0 to rows");
-  for (int64_t g = 0; g < shared.numel(); ++g) {
-    TORCH_CHECK(gp[g] < gp[g + 1], "groups must be increasing row ranges");
-    TORCH_CHECK(shp[g] >= 0 && shp[g] % 16 == 0, "shared slot counts must be multiples of 16");
-    for (int64_t r = gp[g]; r < gp[g + 1]; ++r)
-      TORCH_CHECK(st[r + 1] - st[r] > shp[g], "a row must have slots of its own after the shared ones");
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  TORCH_CHECK(st[0] == 0 && st[tokens.numel()] == slots.numel(), "starts must run from 0 to the number of slots");
+  for (int64_t r = 0; r < tokens.numel(); ++r) {
+    TORCH_CHECK(st[r + 1] > st[r], "every row must have at least one slot");
+    TORCH_CHECK(tok[r] >= 0 && tok[r] < q.size(0), "a token is outside q");
   }
-  at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
-    dispatch_head_size<float>(q, k_pool, v_pool, slots, starts, groups, shared, scale, out);
+    run<float>(q, k_pool, v_pool, tokens, slots, starts, scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
-    dispatch_head_size<c10::BFloat16>(q, k_pool, v_pool, slots, starts, groups, shared, scale, out);
+    run<c10::BFloat16>(q, k_pool, v_pool, tokens, slots, starts, scale, out);
   } else {
     TORCH_CHECK(false, "paged_decode supports float32 and bfloat16, got ", q.scalar_type());
   }
-  return out;
 }
 
 // How this build came out: the threads at::parallel_for runs the kernel on now (1 where the build has no
@@ -244,8 +314,8 @@ std::string build_info() {
 
 TORCH_LIBRARY(prefixserve, m) {
   m.def(
-      "paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slots, Tensor starts, Tensor groups, "
-      "Tensor shared, float scale) -> Tensor");
+      "paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tokens, Tensor slots, Tensor starts, "
+      "float scale, Tensor(a!) out) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 
