@@ -91,3 +91,20 @@ def test_gpt2_has_nothing_to_swap(kernels):
     model = AutoModelForCausalLM.from_config(tiny_config("gpt2")).eval()
     pack_linears(model)
     assert install_native_layers(model, kernels) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_strided_keys_and_values_to_their_slots(kernels, dtype):
+    """key/value as attention modules hold them ([kv_heads, tokens, d] seen as [tokens, kv_heads, d]); every
+    other slot of the pool left as it was."""
+    torch.manual_seed(0)
+    key, value = torch.randn(2, 3, 5, 16).to(dtype).unbind(0)  # 3 kv heads, 5 tokens
+    k_pool, v_pool = torch.zeros(3, 40, 16, dtype=dtype), torch.zeros(3, 40, 16, dtype=dtype)
+    where = torch.tensor([7, 0, 39, 12, 13])
+    kernels.store_kv(key.transpose(0, 1), value.transpose(0, 1), k_pool, v_pool, where)
+    assert torch.equal(k_pool[:, where], key) and torch.equal(v_pool[:, where], value)
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[where] = False
+    assert not k_pool[:, untouched].any() and not v_pool[:, untouched].any()
+    with pytest.raises(RuntimeError, match="slot 40 is outside the pool"):
+        kernels.store_kv(key.transpose(0, 1), value.transpose(0, 1), k_pool, v_pool, where + 1)
