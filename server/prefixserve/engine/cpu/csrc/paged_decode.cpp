@@ -43,7 +43,8 @@ inline float hsum(const Vec& v) {
 }
 
 // Lane t of the result is the sum of the lanes of acc[t]: W horizontal sums in one transposing tree.
-inline Vec sum_each(const Vec* acc) {
+// Inlined: its W inputs stay in registers (called, they were spilled to the stack and reloaded).
+__attribute__((always_inline)) inline Vec sum_each(const Vec* acc) {
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 pairs[8], quads[4], halves[2];
   for (int i = 0; i < 8; ++i) {  // within each 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)

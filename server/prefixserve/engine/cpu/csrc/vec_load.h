@@ -9,10 +9,10 @@ namespace prefixserve {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t W = Vec::size();
 
-inline Vec load(const float* p) { return Vec::loadu(p); }
+__attribute__((always_inline)) inline Vec load(const float* p) { return Vec::loadu(p); }
 
 // W bf16 values as fp32, widened in registers: a bf16 is the top half of the fp32 with the same value.
-inline Vec load(const c10::BFloat16* p) {
+__attribute__((always_inline)) inline Vec load(const c10::BFloat16* p) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
