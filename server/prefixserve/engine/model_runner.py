@@ -26,6 +26,7 @@ from prefixserve.engine.attention.native_decode import NativeDecodeBackend
 from prefixserve.engine.attention.portable import PortableBackend
 from prefixserve.engine.cpu.kernels import Kernels
 from prefixserve.engine.cpu.native_layers import install_native_layers
+from prefixserve.engine.cpu.step_forward import StepForward, step_forward_for
 from prefixserve.engine.kv_cache import KVPool
 from prefixserve.engine.scheduler import SchedulerOutput
 from prefixserve.engine.sequence import Sequence
@@ -83,9 +84,17 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.backend: AttentionBackend = PortableBackend()
+        self.step_forward: StepForward | None = None
         if kernels is not None:
             self.backend = NativeDecodeBackend(kernels.paged_decode, kernels.store_kv)
             log.info("native layer ops for %d modules", install_native_layers(model, kernels))
+            self.step_forward = step_forward_for(model, kernels, pool.dtype)
+            if self.step_forward is not None:
+                log.info(
+                    "steps run %s's layers directly (%s)",
+                    type(model).__name__,
+                    type(self.step_forward).__name__,
+                )
         self.device = pool.device
         # A ready 4-D mask makes transformers skip building one; paged attention does not read it.
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -150,14 +159,17 @@ class ModelRunner:
         for blocks, prefix in batch.prefix_fills:
             self.pool.write_prefix(blocks, prefix.kv)
         attention = AttentionBatch(self.pool, batch.slot_mapping, self.backend, batch.attention)
-        logits = self.model(
-            input_ids=batch.input_ids[None],
-            position_ids=batch.positions[None],
-            attention_mask=self._no_mask,
-            use_cache=False,
-            logits_to_keep=batch.logits_indices,
-            **{BATCH_KWARG: attention},
-        ).logits[0]
+        if self.step_forward is not None:
+            logits = self.step_forward(batch.input_ids, batch.positions, attention, batch.logits_indices)
+        else:
+            logits = self.model(
+                input_ids=batch.input_ids[None],
+                position_ids=batch.positions[None],
+                attention_mask=self._no_mask,
+                use_cache=False,
+                logits_to_keep=batch.logits_indices,
+                **{BATCH_KWARG: attention},
+            ).logits[0]
         out = StepLogits(logits[: batch.num_sampling])
         at = batch.num_sampling
         for s in batch.scoring:

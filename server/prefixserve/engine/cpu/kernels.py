@@ -34,6 +34,7 @@ class Kernels:
 
     paged_decode: Callable[..., None]  # paged_decode.cpp
     rms_norm: Callable[..., torch.Tensor]  # layer_ops.cpp
+    add_rms_norm: Callable[..., torch.Tensor]  # layer_ops.cpp
     rope_store: Callable[..., torch.Tensor]  # layer_ops.cpp
     store_kv: Callable[..., None]  # layer_ops.cpp
     greedy_pick: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # greedy.cpp
@@ -118,6 +119,7 @@ def load_kernels() -> tuple[Kernels | None, str]:
     kernels = Kernels(
         ops.paged_decode,
         ops.rms_norm,
+        ops.add_rms_norm,
         ops.rope_store,
         ops.store_kv,
         ops.greedy_pick,
