@@ -37,6 +37,25 @@ def test_rms_norm_equals_llamas(kernels, hidden, dtype):
         torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=8e-3)
 
 
+@pytest.mark.parametrize("hidden", [32, 896, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_is_the_residual_add_then_llamas_norm(kernels, hidden, dtype):
+    torch.manual_seed(1)
+    norm = LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+    x, residual = (torch.randn(2, 9, hidden) * 3).to(dtype).unbind(0)
+    with torch.inference_mode():
+        expected_residual = residual + x
+        expected = norm(expected_residual)
+        got = kernels.add_rms_norm(x, residual, norm.weight, 1e-5)
+    assert torch.equal(residual, expected_residual)  # the sum, rounded to the dtype, as transformers has it
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:  # the fp32 statistic's summation order may move a value by one bf16 step
+        torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=8e-3)
+
+
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_store_rotates_q_and_k_and_stores_k_and_v(kernels, head_dim, dtype):

@@ -12,6 +12,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "vec_load.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,21 +28,53 @@ inline T round_to(float x) {
   return static_cast<T>(x);
 }
 
+using prefixserve::load2;
+using prefixserve::round2;
+using prefixserve::store2;
+using prefixserve::Vec;
+using prefixserve::W;
+
+// out[0:h] = weight * T(x * inv), 2W values at a time; the tail (h % 2W) value by value, the same arithmetic.
+template <typename T>
+inline void scale_row(const T* x, float inv, const T* w, T* out, int64_t h) {
+  int64_t i = 0;
+  for (; i + 2 * W <= h; i += 2 * W) {
+    Vec a, b, wa, wb;
+    load2(x + i, a, b);
+    a = a * Vec(inv), b = b * Vec(inv);
+    round2(x, a, b);
+    load2(w + i, wa, wb);
+    store2(out + i, wa * a, wb * b);
+  }
+  for (; i < h; ++i) out[i] = round_to<T>(to_f(w[i]) * to_f(round_to<T>(to_f(x[i]) * inv)));
+}
+
+inline float inverse_rms(float sum_of_squares, int64_t h, float eps) {
+  return 1.f / std::sqrt(sum_of_squares / static_cast<float>(h) + eps);
+}
+
+// The sum of x[0:h]^2: 2W lanes, then the tail.
+template <typename T>
+inline float sum_of_squares(const T* x, int64_t h) {
+  Vec acc_a(0.f), acc_b(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= h; i += 2 * W) {
+    Vec a, b;
+    load2(x + i, a, b);
+    acc_a = at::vec::fmadd(a, a, acc_a), acc_b = at::vec::fmadd(b, b, acc_b);
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, acc_a + acc_b);
+  for (; i < h; ++i) sum += to_f(x[i]) * to_f(x[i]);
+  return sum;
+}
+
 // out = weight * T(x * rsqrt(mean(x^2) + eps)), row by row over the last dimension.
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t h, float eps) {
-  // Rows are small work (a few microseconds each): a decode step's few rows run on the calling thread.
+  // Rows are small work (a microsecond each): a decode step's few rows run on the calling thread.
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * h;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < h; ++i) sum += to_f(xr[i]) * to_f(xr[i]);
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
-      T* o = out + r * h;
-#pragma omp simd
-      for (int64_t i = 0; i < h; ++i) o[i] = round_to<T>(to_f(w[i]) * to_f(round_to<T>(to_f(xr[i]) * inv)));
-    }
+    for (int64_t r = begin; r < end; ++r)
+      scale_row(x + r * h, inverse_rms(sum_of_squares(x + r * h, h), h, eps), w, out + r * h, h);
   });
 }
 
@@ -70,17 +104,15 @@ void add_rms_norm_rows(const T* x, T* res, const T* w, T* out, int64_t rows, int
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * h;
       T* rr = res + r * h;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < h; ++i) {
-        const T v = round_to<T>(to_f(rr[i]) + to_f(xr[i]));
-        rr[i] = v;
-        sum += to_f(v) * to_f(v);
+      int64_t i = 0;
+      for (; i + 2 * W <= h; i += 2 * W) {
+        Vec a, b, xa, xb;
+        load2(rr + i, a, b);
+        load2(xr + i, xa, xb);
+        store2(rr + i, a + xa, b + xb);
       }
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
-      T* o = out + r * h;
-#pragma omp simd
-      for (int64_t i = 0; i < h; ++i) o[i] = round_to<T>(to_f(w[i]) * to_f(round_to<T>(to_f(rr[i]) * inv)));
+      for (; i < h; ++i) rr[i] = round_to<T>(to_f(rr[i]) + to_f(xr[i]));
+      scale_row(rr, inverse_rms(sum_of_squares(rr, h), h, eps), w, out + r * h, h);
     }
   });
 }

@@ -1,8 +1,11 @@
 // Loading W = Vectorized<float>::size() pool or activation values as fp32 registers, whatever their dtype.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+
+#include <tuple>
 
 namespace prefixserve {
 
@@ -37,6 +40,24 @@ inline Vec load_partial(const T* p, int64_t n, float fill) {
   float buf[W];
   for (int64_t i = 0; i < W; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : fill;
   return Vec::loadu(buf);
+}
+
+// 2W values (one Vectorized<BFloat16>) as two fp32 vectors, and back; round2 gives values the precision of the
+// pointer's type and back, as storing them in the model's dtype does (round to nearest even).
+using BVec = at::vec::Vectorized<c10::BFloat16>;
+static_assert(BVec::size() == 2 * W, "a bf16 vector holds two float vectors' values");
+
+inline void load2(const float* p, Vec& a, Vec& b) { a = Vec::loadu(p), b = Vec::loadu(p + W); }
+inline void load2(const c10::BFloat16* p, Vec& a, Vec& b) {
+  std::tie(a, b) = at::vec::convert_to_float<c10::BFloat16>(BVec::loadu(p));
+}
+inline void store2(float* p, const Vec& a, const Vec& b) { a.store(p), b.store(p + W); }
+inline void store2(c10::BFloat16* p, const Vec& a, const Vec& b) {
+  at::vec::convert_from_float<c10::BFloat16>(a, b).store(p);
+}
+inline void round2(const float*, Vec&, Vec&) {}
+inline void round2(const c10::BFloat16*, Vec& a, Vec& b) {
+  std::tie(a, b) = at::vec::convert_to_float<c10::BFloat16>(at::vec::convert_from_float<c10::BFloat16>(a, b));
 }
 
 }  // namespace prefixserve
