@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from bench.bench_engine import VOCAB, bench_engine, build_adapters, build_model, make_engine
+from bench.scratch import scratch_dir
 from prefixserve.adapters.format import read_adapter_dir
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(n) for n in args.adapters.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-scaling-"))
+    tmp = scratch_dir("prefixserve-scaling-")
     model_dir = build_model(tmp / "model")
     adapters = clone_adapters(
         build_adapters(model_dir, tmp / "adapters", 1, 20)[0], tmp / "adapters", max(counts)

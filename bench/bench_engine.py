@@ -12,7 +12,6 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -22,6 +21,7 @@ from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from bench.scratch import scratch_dir
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-bench-"))
+    tmp = scratch_dir("prefixserve-bench-")
     model_dir = build_model(tmp / "model")
     adapters = build_adapters(model_dir, tmp / "adapters", args.requests, args.virtual)
     prompts = torch.randint(

@@ -11,7 +11,6 @@ path differs: `LLMEngine.submit` on a started engine in this process, or `POST /
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import torch
 
 from bench.bench_engine import VOCAB, build_adapters, build_model
 from bench.bench_vs_vllm import load, start_prefixserve
+from bench.scratch import scratch_dir
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
@@ -38,7 +38,7 @@ def direct(
 ) -> float:
     loaded = load_model(str(model), "cpu", dtype, 1024)
     registry = AdapterRegistry(
-        DirectoryStore(Path(tempfile.mkdtemp())),
+        DirectoryStore(scratch_dir("prefixserve-http-store-")),
         loaded.kv_shape,
         loaded.dtype,
         loaded.device,
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-http-"))
+    tmp = scratch_dir("prefixserve-http-")
     model = build_model(tmp / "model")
     adapters = build_adapters(model, tmp / "adapters", 16, 20)
     n = 4 * args.concurrency

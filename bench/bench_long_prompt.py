@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from bench.bench_engine import VOCAB, build_adapters, build_model, make_engine
+from bench.scratch import scratch_dir
 from prefixserve.engine.sequence import SamplingParams
 
 
@@ -50,7 +49,7 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=900)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-long-"))
+    tmp = scratch_dir("prefixserve-long-")
     model_dir = build_model(tmp / "model")
     adapters = build_adapters(model_dir, tmp / "adapters", args.rows, 20)
     gen = torch.Generator().manual_seed(0)

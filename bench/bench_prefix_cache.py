@@ -20,7 +20,6 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ import httpx
 
 from bench.bench_engine import VOCAB, build_adapters, build_model
 from bench.bench_vs_vllm import HERE, Server, start_vllm
+from bench.scratch import scratch_dir
 from tests.server_process import free_port, upload_files
 
 ADAPTERS, VIRTUAL = 8, 20
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--servers", default="prefixserve,no-cache,vllm", help="which to run, in this order")
     ap.add_argument("--out", type=Path, default=HERE / "prefix_cache.json")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-prefix-cache-"))
+    tmp = scratch_dir("prefixserve-prefix-cache-")
     model = build_model(tmp / "model")
     adapters = build_adapters(model, tmp / "adapters", ADAPTERS, VIRTUAL)
     names = [f"a{i}" for i in range(ADAPTERS)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from bench.bench_engine import (
     build_model,
     make_engine,
 )
+from bench.scratch import scratch_dir
 
 
 def build_prompt_adapters(model_dir: Path, out: Path, n: int, t: int, method: str) -> list[Path]:
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-bench-"))
+    tmp = scratch_dir("prefixserve-bench-")
     model_dir = build_model(tmp / "model")
     n, t = args.requests, args.virtual
     kinds = {

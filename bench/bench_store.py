@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from bench.scratch import scratch_dir
 from prefixserve.adapters.format import PeftAdapter
 from prefixserve.adapters.kv_prefix import KVShape
 from prefixserve.adapters.registry import AdapterRegistry
@@ -73,7 +72,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-bench-store-"))
+    tmp = scratch_dir("prefixserve-bench-store-")
     s3 = start_s3_server(tmp / "seaweedfs")
     try:
         os.environ.update(s3.env())  # the standard AWS variables, read by the store's boto3 client

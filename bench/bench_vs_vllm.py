@@ -24,7 +24,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -36,6 +35,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from bench.bench_engine import VOCAB, build_adapters, build_model
+from bench.scratch import scratch_dir
 from tests.server_process import free_port, upload_files
 
 HERE = Path(__file__).parent
@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "vs_vllm.json")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip() not in ("", "0")]  # 0: TTFT only
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-vs-vllm-"))
+    tmp = scratch_dir("prefixserve-vs-vllm-")
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(
         0, VOCAB - 1, (requests_for(max(levels, default=1)), PROMPT_TOKENS), generator=generator

@@ -10,15 +10,14 @@ The shapes are bench_vs_vllm's (random weights, built locally). Rows are prefill
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_engine import VOCAB, build_adapters, make_engine
 from bench.bench_vs_vllm import SHAPES
+from bench.scratch import scratch_dir
 from prefixserve.engine.sequence import SamplingParams
 
 
@@ -35,7 +34,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="prefixserve-profile-"))
+    tmp = scratch_dir("prefixserve-profile-")
     model_dir = SHAPES[args.shape](tmp / "model")
     adapters = build_adapters(model_dir, tmp / "adapters", args.adapters, 20)
     engine = make_engine(model_dir, tmp / "store", adapters, args.rows, 2048, args.attention, args.dtype)

@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import statistics
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench.scratch import scratch_dir
 from tests.server_process import ServerProcess, upload_files
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "adapters"
@@ -211,7 +211,7 @@ def main() -> None:
     args = ap.parse_args()
     server = None
     if args.url is None:
-        tmp = Path(tempfile.mkdtemp(prefix="prefixserve-soak-"))
+        tmp = scratch_dir("prefixserve-soak-")
         server = ServerProcess(["--adapter-dir", str(tmp / "store")], tmp / "server.log").wait_healthy()
     try:
         url, pid = (args.url, args.pid) if server is None else (server.url, server.proc.pid)
