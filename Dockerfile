@@ -65,10 +65,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 # A C++ compiler: the native decode attention kernel (CPU serving) is built at the first start, for the CPU
 # it runs on, and cached under $HOME/.cache/prefixserve (--attention-backend; without one the portable path
-# serves, as logged). The compiler follows the base image's release, hence no version pin.
+# serves, as logged). tcmalloc: `prefixserve serve` restarts itself with it preloaded (--malloc auto), 3-6%
+# faster decode steps. Both follow the base image's release, hence no version pins.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
+    && apt-get install -y --no-install-recommends g++ libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 prefixserve \

@@ -5,15 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The load balancer for the multi-replica test, the browser (and its driver) for the console's test, and the C++
-# compiler that builds the native attention kernel (its tests fail without one, as the server falls back).
+# The load balancer for the multi-replica test, the browser (and its driver) for the console's test, the C++
+# compiler that builds the native attention kernel (its tests fail without one, as the server falls back), and
+# tcmalloc, which `prefixserve serve` preloads where it is installed (--malloc; the image has it too).
 if command -v apt-get >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends haproxy chromium chromium-driver g++ >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends haproxy chromium chromium-driver g++ libtcmalloc-minimal4 >/dev/null
 else
-  echo "no apt-get: install haproxy, chromium, chromedriver and a C++ compiler yourself (the tests look for them on PATH)" >&2
+  echo "no apt-get: install haproxy, chromium, chromedriver, a C++ compiler and tcmalloc (libtcmalloc_minimal.so.4) yourself" >&2
 fi
 
 scripts/install.sh --dev "$@"

@@ -51,7 +51,14 @@ def serve(ctx: typer.Context) -> None:
         os.environ.setdefault(name, value)
     settings = _parse_settings(ctx.args)
     from prefixserve.logging_setup import setup_logging
-    from prefixserve.startup import StartupError, bind_socket, check_adapter_store, locate_model
+    from prefixserve.startup import (
+        PRELOADED_MARK,
+        StartupError,
+        bind_socket,
+        check_adapter_store,
+        locate_model,
+        preload_tcmalloc,
+    )
 
     setup_logging(settings.json_logs)
     try:
@@ -59,6 +66,9 @@ def serve(ctx: typer.Context) -> None:
         sock = bind_socket(settings.host, settings.port)
         locate_model(settings.model, f"http://{settings.host}:{settings.port}")
         check_adapter_store(settings.adapter_dir)
+        preload_tcmalloc(settings.malloc, sock)  # may restart the process (which checks all this again)
+        if os.environ.get(PRELOADED_MARK):
+            logging.getLogger(__name__).info("memory allocator: tcmalloc (preloaded)")
         from prefixserve.adapters.errors import StoreError
         from prefixserve.api.auth import KeyFileError
         from prefixserve.engine.errors import ModelLoadError, UnsupportedModelError

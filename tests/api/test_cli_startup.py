@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from prefixserve import startup
 from prefixserve.config import SECTIONS, Settings
 from prefixserve.demo import DEMO_MODEL_DIR
 from prefixserve.startup import bind_socket
@@ -218,3 +219,49 @@ def test_a_cached_hub_model_is_served_when_the_hub_is_unreachable(tmp_path, offl
         assert httpx.get(f"{server.url}/info").json()["model_id"] == "acme/tiny-cached"
     finally:
         server.stop()
+
+
+class Restarted(Exception):
+    """os.execve, stood in for: the process would be replaced here."""
+
+
+@pytest.fixture
+def execve(monkeypatch):
+    calls = []
+
+    def fake(path, argv, env):
+        calls.append((path, argv, env))
+        raise Restarted
+
+    monkeypatch.setattr(os, "execve", fake)
+    monkeypatch.delenv(startup.PRELOADED_MARK, raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(sys, "argv", ["prefixserve", "serve", "--port", "8123"])
+    return calls
+
+
+def test_serve_restarts_itself_with_tcmalloc_where_it_is_installed(execve, monkeypatch):
+    """auto and tcmalloc restart the same command with tcmalloc preloaded (after the socket is closed), once;
+    system, or tcmalloc preloaded already, start as they are; tcmalloc asked for but missing is one line."""
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    sock = socket.socket()
+    with pytest.raises(Restarted):
+        startup.preload_tcmalloc("auto", sock)
+    path, argv, env = execve[0]
+    assert sock.fileno() == -1  # closed: the restarted process binds the port again
+    assert argv == [sys.executable, "-m", "prefixserve", "serve", "--port", "8123"] and path == sys.executable
+    assert env["LD_PRELOAD"] == f"{startup.TCMALLOC}:libother.so" and env[startup.PRELOADED_MARK] == "1"
+    monkeypatch.setenv(startup.PRELOADED_MARK, "1")
+    startup.preload_tcmalloc("tcmalloc", socket.socket())  # the restarted process goes on
+    monkeypatch.delenv(startup.PRELOADED_MARK)
+    startup.preload_tcmalloc("system", socket.socket())
+    monkeypatch.setattr(startup, "_loadable", lambda library: False)
+    startup.preload_tcmalloc("auto", socket.socket())  # not installed: the C library's malloc, logged
+    with pytest.raises(startup.StartupError, match="apt-get install libtcmalloc-minimal4"):
+        startup.preload_tcmalloc("tcmalloc", socket.socket())
+    assert len(execve) == 1
+
+
+def test_the_machines_that_run_the_suite_have_tcmalloc():
+    """setup-dev.sh installs it: the servers the suite starts run on it, as the image's do."""
+    assert startup._loadable(startup.TCMALLOC), "apt-get install libtcmalloc-minimal4 (scripts/setup-dev.sh)"

@@ -27,7 +27,8 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the heap's free top is trimm
 
 @cache
 def keep_freed_memory() -> bool:
-    """Set glibc's thresholds once per process; False (and nothing changed) where libc is not glibc."""
+    """Set glibc's thresholds once per process; False (and nothing changed) where libc is not glibc, or where
+    another allocator (tcmalloc, preloaded by `serve --malloc`) serves malloc."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
@@ -36,6 +37,9 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         log.info("malloc: not glibc (%s), its defaults kept", name)
+        return False
+    if _address(ctypes.CDLL(None).malloc) != _address(libc.malloc):
+        log.info("malloc: a preloaded allocator serves it, not glibc's malloc")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     trim = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
@@ -48,3 +52,7 @@ def keep_freed_memory() -> bool:
         version,
     )
     return True
+
+
+def _address(function: ctypes._CFuncPtr) -> int | None:
+    return ctypes.cast(function, ctypes.c_void_p).value
