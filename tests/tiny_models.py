@@ -55,6 +55,12 @@ def tiny_config(arch: str) -> PretrainedConfig:
     }
     if arch == "llama":
         return LlamaConfig(**llama_like)
+    # Head size 64, as most served models have: the native decode kernel's vector path (the others' head size
+    # of 8 takes its plain loop).
+    if arch == "llama-d64":
+        return LlamaConfig(**{**llama_like, "hidden_size": 256, "intermediate_size": 128})
+    if arch == "gpt2-d64":
+        return GPT2Config(n_positions=256, n_embd=256, n_layer=2, n_head=4, **_common())
     if arch == "mistral":
         return MistralConfig(sliding_window=512, **llama_like)
     if arch == "qwen2":
@@ -62,9 +68,14 @@ def tiny_config(arch: str) -> PretrainedConfig:
     raise ValueError(arch)
 
 
-def build_model(arch: str, out: Path, seed: int = 0) -> Path:
+def build_model(arch: str, out: Path, seed: int = 0, initializer_range: float | None = None) -> Path:
+    """`initializer_range`: instead of the wide one (logits far apart, for token-exact checks), e.g. a trained
+    model's scale (0.02), where half precision's error is as small as in real use."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    config = tiny_config(arch)
+    if initializer_range is not None:
+        config.initializer_range = initializer_range
+    model = AutoModelForCausalLM.from_config(config).eval()
     if arch == "gpt2-slow":
         with torch.no_grad():  # EOS logit 0 while the best other logit is far above: it never stops early
             model.get_input_embeddings().weight[EOS].zero_()

@@ -10,7 +10,7 @@ from prefixserve.engine.self_check import run_rows
 from prefixserve.engine.sequence import SamplingParams, Sequence
 from tests.conftest import arch_params
 from tests.engine_harness import NAMESPACE, make_engine, run_until_idle, submit
-from tests.tiny_models import peft_generate, peft_last_logits
+from tests.tiny_models import build_model, make_adapter, peft_generate, peft_last_logits, peft_model
 
 PROMPTS = [
     "The quick brown fox",
@@ -75,6 +75,83 @@ def test_mixed_batch_greedy_equals_peft(arch, attention, tiny_model_dirs, adapte
 @pytest.mark.parametrize("arch", arch_params())
 def test_mixed_batch_prefill_logits_match_peft(arch, tiny_model_dirs, adapter_dirs, tmp_path):
     check_prefill_logits(arch, tiny_model_dirs[arch], adapter_dirs[arch], tmp_path / "store", MIXED, 1e-4)
+
+
+@pytest.fixture(scope="module")
+def head_size_64(tmp_path_factory):
+    """Models with heads of 64 values (the native kernel's vector path) and a few adapters each."""
+    root = tmp_path_factory.mktemp("head-size-64")
+    out = {}
+    for arch in ("llama-d64", "gpt2-d64"):
+        base = build_model(arch, root / arch)
+        specs = {
+            "rand3": (3, "random"),
+            "rand8": (8, "random"),
+            "zero5": (5, "zero"),
+            "proj4": (4, "projection"),
+        }
+        adapters = {
+            name: make_adapter(base, root / f"{arch}-{name}", t, kind, seed=i)
+            for i, (name, (t, kind)) in enumerate(specs.items())
+        }
+        out[arch] = (base, adapters)
+    return out
+
+
+HEAD_SIZE_64_PLAN = [
+    (name, prompt) for name, prompt in MIXED if name in (None, "rand3", "rand8", "zero5", "proj4")
+]
+
+
+@pytest.mark.parametrize("arch", ["llama-d64", "gpt2-d64"])
+def test_heads_of_64_through_the_native_kernel_equal_peft(arch, head_size_64, tmp_path):
+    base, adapters = head_size_64[arch]
+    check_batch_greedy(arch, base, adapters, tmp_path / "store", HEAD_SIZE_64_PLAN, attention="native")
+
+
+@pytest.mark.parametrize("arch", ["llama-d64", "gpt2-d64"])
+def test_bf16_decoding_through_the_native_kernel_is_as_close_to_fp32_as_transformers_bf16(arch, tmp_path):
+    """bf16 (the default dtype where the CPU has it): at every decode step, every row's logits are within twice
+    the distance from PEFT's fp32 forward (over the same tokens) that PEFT's own bf16 forward is, plus 1% of
+    the largest logit. Weights of scale 0.1: attention that matters (the kernel's scores 5% off fail this; at
+    0.02 attention is nearly uniform and they passed), half precision's error still moderate (at the suite's
+    wide 0.3, transformers' own bf16 is off by a third of the largest logit)."""
+    base = build_model(arch, tmp_path / "model", initializer_range=0.1)
+    adapters = {
+        name: make_adapter(base, tmp_path / name, t, seed=t) for name, t in (("rand3", 3), ("rand8", 8))
+    }
+    plan = [("rand3", PROMPTS[0]), ("rand8", PROMPTS[2]), (None, PROMPTS[3])]
+    engine = make_engine(base, tmp_path / "store", adapters, attention="native", dtype="bfloat16")
+    decoded = []  # (request, its tokens so far, the step's logits) of each decoding row at each step
+    run = engine.runner.run
+
+    def recording(step):
+        out = run(step)
+        for row, logits in zip([r for r in step.rows if r.samples], out.sampling, strict=True):
+            if row.num_tokens == 1:
+                decoded.append((row.seq.seq_id, list(row.seq.token_ids), logits.float()))
+        return out
+
+    engine.runner.run = recording
+    sinks = [submit(engine, prompt, name, max_new_tokens=6) for name, prompt in plan]
+    run_until_idle(engine)
+    assert len(decoded) == 5 * len(plan)
+    names = {sink.seq.seq_id: name for (name, _), sink in zip(plan, sinks, strict=True)}
+    models = {
+        dtype: {name: peft_model(base, adapters[name] if name else None, dtype) for name, _ in plan}
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    for seq_id, ids, logits in decoded:
+        with torch.no_grad():
+            exact, theirs = (
+                models[dtype][names[seq_id]](input_ids=torch.tensor([ids])).logits[0, -1].float()
+                for dtype in (torch.float32, torch.bfloat16)
+            )
+        ours, bound = (
+            (logits - exact).abs().max(),
+            2 * (theirs - exact).abs().max() + 0.01 * exact.abs().max(),
+        )
+        assert ours <= bound, f"{arch}: max |dlogit| from fp32 {ours:.3g}, allowed {bound:.3g}"
 
 
 def test_row_joining_a_running_batch_gets_the_same_tokens(tiny_model_dirs, adapter_dirs, tmp_path):
