@@ -284,6 +284,28 @@ def test_prompts_taken_in_chunks_equal_peft(arch, attention, tiny_model_dirs, ad
         assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS), name
 
 
+@BACKENDS
+@pytest.mark.parametrize("arch", arch_params())
+def test_prompt_chunks_attending_in_two_parts_equal_peft(
+    arch, attention, tiny_model_dirs, adapter_dirs, tmp_path, causal_chunks
+):
+    """Every prompt chunk of two or more tokens takes the path of long prompts (attention/causal_chunk.py): one
+    causal square where what comes before it (adapter prefix, earlier chunks) is no longer than the chunk,
+    else a causal part and an unmasked one merged by log-sum-exp. PEFT's tokens, whole prompts in one step
+    and prompts in chunks of 5."""
+    base, adapters = tiny_model_dirs[arch], adapter_dirs[arch]
+    check_batch_greedy(arch, base, adapters, tmp_path / "whole", MIXED, attention=attention)
+    assert any(c.before == 0 for c in causal_chunks)  # the base model's prompts: nothing before them
+    assert any(0 < c.before <= c.queries for c in causal_chunks)  # behind an adapter prefix: one square
+    causal_chunks.clear()
+    engine = make_engine(base, tmp_path / "chunked", adapters, max_prefill_tokens=5, attention=attention)
+    sinks = [submit(engine, prompt, name, max_new_tokens=NEW_TOKENS) for name, prompt in MIXED]
+    run_until_idle(engine)
+    for (name, prompt), sink in zip(MIXED, sinks, strict=True):
+        assert sink.tokens == peft_generate(base, adapters[name] if name else None, prompt, NEW_TOKENS), name
+    assert any(c.before > c.queries for c in causal_chunks)  # a later chunk: two parts
+
+
 def test_a_long_prompt_goes_in_while_rows_decode(tiny_model_dirs, adapter_dirs, tmp_path):
     """A running row takes a token at every step while long prompts go in chunk by chunk beside it, in the
     same forward passes, and nobody's tokens change."""

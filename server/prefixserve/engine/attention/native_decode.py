@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from prefixserve.engine.attention import portable
+from prefixserve.engine.attention.causal_chunk import CausalChunk
 from prefixserve.engine.attention.layout import StepLayout
 from prefixserve.engine.kv_cache import KVPool
 
@@ -32,7 +33,7 @@ class DecodeRows:
 @dataclass
 class NativeMetadata:
     decode: DecodeRows | None
-    groups: list[portable.RowGroup]
+    groups: list[portable.RowGroup | CausalChunk]
 
 
 def decode_rows(layout: StepLayout, rows: list[int]) -> DecodeRows:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefixserve.engine.attention.causal_chunk import LONG_CHUNK, CausalChunk
 from prefixserve.engine.attention.layout import StepLayout
-from prefixserve.engine.kv_cache import KVPool
+from prefixserve.engine.kv_cache import KVPool, gather_rows
 
 MAX_PADDING = 1.25  # a group's padded area (rows x queries x context) may exceed its real work by this much
 # A prefix this long, held by two or more rows of a step, is attended once for all of them (cascade). Shorter
@@ -54,14 +55,62 @@ class RowGroup:
             self._stacked[group] = additive.masked_fill_(~mask, float("-inf"))
         return self._stacked[group]
 
+    def attend(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float, out: torch.Tensor
+    ) -> None:
+        """q, out: [q_heads, N, head_dim]; the pools: [kv_heads, slots, head_dim]. Writes the group's queries."""
+        q_heads, _, head_dim = q.shape
+        kv_heads = k_pool.shape[0]
+        group = q_heads // kv_heads
+        # [kv_heads, rows, group * queries, head_dim]: the query heads that share a kv head, stacked
+        qg = q.index_select(1, self.query_index).view(kv_heads, group, self.rows, self.queries, head_dim)
+        qg = qg.transpose(1, 2).reshape(kv_heads, self.rows, group * self.queries, head_dim)
+        kg = gather_rows(k_pool, self.context_index).view(kv_heads, self.rows, self.context, head_dim)
+        vg = gather_rows(v_pool, self.context_index).view(kv_heads, self.rows, self.context, head_dim)
+        if self.prefix_index is None:
+            # SDPA's fused CPU kernel: no [queries x context] score matrix per head is written out (a 2,048-token
+            # prompt's prefill attention measured 2.8x faster than matmul + masked softmax + matmul). It keeps
+            # scores and softmax in fp32 whatever its inputs' dtype, so bf16 goes in as it is and its products
+            # run in bf16 (a 2,048-token Qwen2.5-0.5B-shaped prefill, bf16: see bench/RESULTS.md).
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qg.to(kg.dtype), kg, vg, attn_mask=self.stacked_mask(group), scale=scale
+            )
+        else:  # the shared prefix is visible to every query: one matmul for all rows, one joint softmax
+            # fp32 throughout, as SDPA does inside: half-precision scores would round before the softmax
+            qf = qg.float()
+            scores = torch.matmul(qf, kg.transpose(2, 3).float()) * scale
+            scores = scores.view(kv_heads, self.rows, group, self.queries, self.context)
+            scores.masked_fill_(~self.mask, float("-inf"))
+            kp = gather_rows(k_pool, self.prefix_index).view(kv_heads, self.prefix_len, head_dim)
+            vp = gather_rows(v_pool, self.prefix_index).view(kv_heads, self.prefix_len, head_dim)
+            prefix_scores = (
+                torch.matmul(qf.reshape(kv_heads, -1, head_dim), kp.transpose(1, 2).float()) * scale
+            )
+            prefix_scores = prefix_scores.view(kv_heads, self.rows, group, self.queries, self.prefix_len)
+            weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)
+            own = weights[..., self.prefix_len :].reshape(
+                kv_heads, self.rows, group * self.queries, self.context
+            )
+            o = torch.matmul(own, vg.float())
+            shared = weights[..., : self.prefix_len].reshape(kv_heads, -1, self.prefix_len)
+            o += torch.matmul(shared, vp.float()).view_as(o)
+        o = o.view(kv_heads, self.rows, group, self.queries, head_dim).transpose(1, 2)
+        o = o.reshape(q_heads, self.rows * self.queries, head_dim).to(q.dtype)
+        out.index_copy_(1, self.targets, o.index_select(1, self.valid))
 
-def group_rows(layout: StepLayout, rows: list[int], pool: KVPool) -> list[RowGroup]:
-    """Rows sharing a long prefix attend to it together (cascade); the rest by shape, prefix included."""
+
+def group_rows(layout: StepLayout, rows: list[int], pool: KVPool) -> list[RowGroup | CausalChunk]:
+    """Long prompt chunks alone, in two parts (causal_chunk.py; SDPA's CPU kernel); of the other rows, those
+    sharing a long prefix attend to it together (cascade), the rest by shape, prefix included."""
+    groups: list[RowGroup | CausalChunk] = []
+    if pool.device.type == "cpu":
+        long_chunks = [r for r in rows if layout.query_len(r) >= LONG_CHUNK]
+        groups += [CausalChunk.build(layout, r, pool) for r in long_chunks]
+        rows = [r for r in rows if layout.query_len(r) < LONG_CHUNK]
     sharing: dict[int, list[int]] = defaultdict(list)
     for r in rows:
         if layout.prefix_lens[r] >= CASCADE_MIN_PREFIX:
             sharing[layout.prefix_blocks[r][0]].append(r)  # a block belongs to one resident prefix only
-    groups = []
     for first_block, members in list(sharing.items()):
         if len(members) < 2:
             del sharing[first_block]
@@ -114,7 +163,6 @@ def _build_group(
     # query i of a row sits at context index length - query_len + i; padded queries see the row's first key
     mask = (keys <= (length - query_len + query_pos)[:, :, None]) | (keys == 0)
     mask &= keys < length[:, :, None]
-    # Gathering along dim 0 of the flattened pool is twice as fast as along dim 1 (measured, CPU).
     heads = torch.arange(pool.shape.num_kv_heads, device=device)[:, None] * pool.keys[0].shape[1]
     slots = layout.context_slots(rows, context, with_prefix=shared_prefix is None)
     prefix_index = None
@@ -138,52 +186,13 @@ def attend_groups(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    groups: list[RowGroup],
+    groups: list[RowGroup | CausalChunk],
     scale: float,
     out: torch.Tensor,
 ) -> None:
     """q, out: [q_heads, N, head_dim]; the pools: [kv_heads, slots, head_dim]. Writes the groups' queries."""
-    q_heads, _, head_dim = q.shape
-    kv_heads = k_pool.shape[0]
-    group = q_heads // kv_heads
-    for g in groups:
-        # [kv_heads, rows, group * queries, head_dim]: the query heads that share a kv head, stacked
-        qg = q.index_select(1, g.query_index).view(kv_heads, group, g.rows, g.queries, head_dim)
-        qg = qg.transpose(1, 2).reshape(kv_heads, g.rows, group * g.queries, head_dim)
-        kg = _gather(k_pool, g.context_index).view(kv_heads, g.rows, g.context, head_dim)
-        vg = _gather(v_pool, g.context_index).view(kv_heads, g.rows, g.context, head_dim)
-        if g.prefix_index is None:
-            # SDPA's fused CPU kernel: no [queries x context] score matrix per head is written out (a 2,048-token
-            # prompt's prefill attention measured 2.8x faster than matmul + masked softmax + matmul). It keeps
-            # scores and softmax in fp32 whatever its inputs' dtype, so bf16 goes in as it is and its products
-            # run in bf16 (a 2,048-token Qwen2.5-0.5B-shaped prefill, bf16: see bench/RESULTS.md).
-            o = torch.nn.functional.scaled_dot_product_attention(
-                qg.to(kg.dtype), kg, vg, attn_mask=g.stacked_mask(group), scale=scale
-            )
-        else:  # the shared prefix is visible to every query: one matmul for all rows, one joint softmax
-            # fp32 throughout, as SDPA does inside: half-precision scores would round before the softmax
-            qf = qg.float()
-            scores = torch.matmul(qf, kg.transpose(2, 3).float()) * scale
-            scores = scores.view(kv_heads, g.rows, group, g.queries, g.context)
-            scores.masked_fill_(~g.mask, float("-inf"))
-            kp = _gather(k_pool, g.prefix_index).view(kv_heads, g.prefix_len, head_dim)
-            vp = _gather(v_pool, g.prefix_index).view(kv_heads, g.prefix_len, head_dim)
-            prefix_scores = (
-                torch.matmul(qf.reshape(kv_heads, -1, head_dim), kp.transpose(1, 2).float()) * scale
-            )
-            prefix_scores = prefix_scores.view(kv_heads, g.rows, group, g.queries, g.prefix_len)
-            weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)
-            own = weights[..., g.prefix_len :].reshape(kv_heads, g.rows, group * g.queries, g.context)
-            o = torch.matmul(own, vg.float())
-            shared = weights[..., : g.prefix_len].reshape(kv_heads, -1, g.prefix_len)
-            o += torch.matmul(shared, vp.float()).view_as(o)
-        o = o.view(kv_heads, g.rows, group, g.queries, head_dim).transpose(1, 2)
-        o = o.reshape(q_heads, g.rows * g.queries, head_dim).to(q.dtype)
-        out.index_copy_(1, g.targets, o.index_select(1, g.valid))
-
-
-def _gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return pool.view(-1, pool.shape[-1]).index_select(0, index)
+    for group in groups:
+        group.attend(q, k_pool, v_pool, scale, out)
 
 
 def store(
@@ -200,5 +209,5 @@ class PortableBackend:
     store = staticmethod(store)
     forward = staticmethod(attend_groups)
 
-    def build(self, layout: StepLayout, pool: KVPool) -> list[RowGroup]:
+    def build(self, layout: StepLayout, pool: KVPool) -> list[RowGroup | CausalChunk]:
         return group_rows(layout, list(range(layout.num_rows)), pool)
