@@ -65,24 +65,32 @@ class RopeStoreAttention(nn.Module):
         batch = kwargs.get(BATCH_KWARG)
         if not isinstance(batch, AttentionBatch) or hidden_states.shape[0] != 1:
             return self.inner(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        layer = self.inner.layer_idx
-        k_pool, v_pool = batch.pool.keys[layer], batch.pool.values[layer]
+        pool_dtype = batch.pool.dtype
         cos, sin = position_embeddings
         if (
-            k_pool.dtype != hidden_states.dtype
-            or cos.dtype != k_pool.dtype
-            or cos.shape[-1] != k_pool.shape[-1]  # partial rotary: not rotate_half over the whole head
+            pool_dtype != hidden_states.dtype
+            or cos.dtype != pool_dtype
+            or cos.shape[-1]
+            != batch.pool.shape.head_dim  # partial rotary: not rotate_half over the whole head
             or torch.is_grad_enabled()
         ):
             return self.inner(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        tokens = hidden_states.shape[1]
-        qkv = self.fused.gemm(hidden_states[0])  # [tokens, (q_heads + 2 kv_heads) * head_dim]
-        q = self._op(qkv, cos[0], sin[0], k_pool, v_pool, batch.slot_mapping, self.q_heads)
+        return self.step(hidden_states[0], cos[0], sin[0], batch)[None], None
+
+    def step(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """[tokens, hidden] -> o_proj's output [tokens, hidden]: the fused q/k/v GEMM, RoPE of q and k with k and
+        v stored in the layer's pools (cos, sin: [tokens, head_dim]), the step's attention backend, o_proj."""
+        layer = self.inner.layer_idx
+        k_pool, v_pool = batch.pool.keys[layer], batch.pool.values[layer]
+        qkv = self.fused.gemm(hidden)  # [tokens, (q_heads + 2 kv_heads) * head_dim]
+        q = self._op(qkv, cos, sin, k_pool, v_pool, batch.slot_mapping, self.q_heads)
         out = torch.empty_like(q)  # [tokens, q_heads, head_dim]: o_proj reads it without a copy
         batch.backend.forward(
             q.transpose(0, 1), k_pool, v_pool, batch.metadata, self.inner.scaling, out.transpose(0, 1)
         )
-        return self.inner.o_proj(out.view(1, tokens, -1)), None
+        return self.inner.o_proj(out.view(hidden.shape[0], -1))
 
 
 def _is_llama_rms_norm(module: nn.Module) -> bool:

@@ -48,7 +48,6 @@ class LlamaStep:
         ]
         self._rms_norm: Any = kernels.rms_norm
         self._add_rms_norm: Any = kernels.add_rms_norm
-        self._rope_store: Any = kernels.rope_store
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, logits_at: torch.Tensor
@@ -57,16 +56,8 @@ class LlamaStep:
         cos, sin = (t[0] for t in self.rotary(residual[None], positions[None]))  # [N, head_dim]
         first_norm = self.layers[0][0]
         hidden = self._rms_norm(residual, first_norm.inner.weight, first_norm.eps)
-        pool, backend, metadata = batch.pool, batch.backend, batch.metadata
-        tokens = input_ids.shape[0]
         for i, (_, attention, post_norm, mlp) in enumerate(self.layers):
-            inner = attention.inner
-            k_pool, v_pool = pool.keys[inner.layer_idx], pool.values[inner.layer_idx]
-            qkv = attention.fused.gemm(hidden)
-            q = self._rope_store(qkv, cos, sin, k_pool, v_pool, batch.slot_mapping, attention.q_heads)
-            out = torch.empty_like(q)  # [N, q_heads, head_dim]
-            backend.forward(q.transpose(0, 1), k_pool, v_pool, metadata, inner.scaling, out.transpose(0, 1))
-            attended = inner.o_proj(out.view(tokens, -1))
+            attended = attention.step(hidden, cos, sin, batch)
             hidden = self._add_rms_norm(attended, residual, post_norm.inner.weight, post_norm.eps)
             mlp_out = mlp(hidden)
             if i + 1 < len(self.layers):
