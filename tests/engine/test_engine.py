@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -158,11 +159,18 @@ def test_the_earliest_of_several_stop_sequences_wins(engine):
         assert out == "hello" and text.stopped, stops
 
 
-def test_a_request_larger_than_the_whole_pool_is_refused(tmp_path):
-    engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", kv_cache_mb=0.125, block_size=4)
+def test_a_request_larger_than_the_whole_pool_is_refused(tmp_path, caplog):
+    """Said at start-up (a pool that holds less than one row of --max-total-tokens), then per request (422)."""
+    with caplog.at_level(logging.WARNING, logger="prefixserve.engine.engine"):
+        engine = make_engine(DEMO_MODEL_DIR, tmp_path / "store", kv_cache_mb=0.125, block_size=4)
+    assert "holds less than one row of --max-total-tokens 256" in caplog.text, caplog.text
     blocks = engine.pool.num_blocks
     with pytest.raises(RequestValidationError, match="more than the whole KV cache holds"):
         submit(engine, "hello", None, max_new_tokens=blocks * 4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prefixserve.engine.engine"):
+        make_engine(DEMO_MODEL_DIR, tmp_path / "store2", block_size=4)
+    assert "less than one row" not in caplog.text
 
 
 def test_a_tenant_is_not_stuck_behind_another_tenants_rows(tmp_path):

@@ -55,13 +55,13 @@ def attend(paged_decode, q, k_pool, v_pool, contexts, scale):
 
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim"),
-    [(12, 12, 64), (14, 2, 64), (8, 4, 128), (4, 2, 40), (4, 1, 80), (2, 2, 256)],
+    [(12, 12, 64), (14, 2, 64), (8, 4, 128), (4, 2, 40), (4, 1, 80), (2, 2, 256), (71, 1, 64)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_attention_written_out(paged_decode, q_heads, kv_heads, head_dim, dtype):
-    """GQA, MQA and MHA, head sizes of whole vectors (64, 80, 128, 256) and one that is not (40), rows of 1 to
-    700 slots (across vector widths), some sharing a prefix's slots (as rows on one adapter do), in both pool
-    dtypes."""
+    """GQA, MQA (Falcon-7B's 71 query heads on one kv head among them) and MHA, head sizes of whole vectors (64,
+    80, 128, 256) and one that is not (40), rows of 1 to 700 slots (across vector widths), some sharing a
+    prefix's slots (as rows on one adapter do), in both pool dtypes."""
     gen = torch.Generator().manual_seed(q_heads * head_dim)
     pool_slots = 2048
     k_pool = torch.randn(kv_heads, pool_slots, head_dim, generator=gen).to(dtype)

@@ -18,7 +18,7 @@ import torch
 from prefixserve import metrics
 from prefixserve.adapters.ids import AdapterRef
 from prefixserve.adapters.registry import AdapterRegistry
-from prefixserve.engine.block_manager import BlockManager
+from prefixserve.engine.block_manager import BlockManager, blocks_for
 from prefixserve.engine.cpu.kernels import Kernels
 from prefixserve.engine.cpu.threads import mark_engine_thread
 from prefixserve.engine.detokenizer import OutputText
@@ -64,6 +64,15 @@ class LLMEngine:
         self.pool = KVPool.sized(
             loaded.kv_shape, limits.kv_cache_mb, limits.block_size, loaded.dtype, loaded.device
         )
+        if self.pool.num_blocks < blocks_for(self.max_length, limits.block_size) + 1:
+            log.warning(
+                "the KV cache (--kv-cache-mb %g: %d blocks of %d tokens) holds less than one row of "
+                "--max-total-tokens %d: longer requests are refused (422); raise --kv-cache-mb to serve them",
+                limits.kv_cache_mb,
+                self.pool.num_blocks,
+                limits.block_size,
+                self.max_length,
+            )
         self.runner = ModelRunner(loaded.model, self.pool, kernels)
         self._greedy = kernels.greedy_pick if kernels is not None else None
         self.scheduler = Scheduler(

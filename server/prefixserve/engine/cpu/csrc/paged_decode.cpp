@@ -130,7 +130,7 @@ inline void prefetch_slots(const T* base, const int64_t* slots, int64_t from, in
 
 // Per-thread scratch, grown as needed and reused across tasks and calls.
 struct Scratch {
-  std::vector<float> q, scores, acc;
+  std::vector<float> q, scores, acc, totals;
 };
 
 // Head size d = NV whole vectors: scores W keys at a time, values summed in registers.
@@ -166,7 +166,8 @@ void attend(const Task<T>& t, float scale, Scratch& s) {
       for (int64_t k = n; k < W; ++k) dst[k] = NEG_INF;
     }
   }
-  float total[64];  // group <= 64 (checked by the caller)
+  s.totals.resize(group);
+  float* total = s.totals.data();
   for (int64_t g = 0; g < group; ++g) total[g] = exp_normalize(s.scores.data() + g * padded, padded);
   float row[D];
   for (int64_t g0 = 0; g0 < group; g0 += HEADS_PER_PASS) {
@@ -278,7 +279,6 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tenso
                   out.scalar_type() == q.scalar_type(),
               "q, out and the pools must have one dtype");
   TORCH_CHECK(q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(0) == 0, "head sizes do not match");
-  TORCH_CHECK(q.size(1) / k_pool.size(0) <= 64, "at most 64 query heads per kv head");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && starts.scalar_type() == at::kLong,
               "int64 tokens, slots and starts");
   TORCH_CHECK(tokens.is_contiguous() && slots.is_contiguous() && starts.is_contiguous(), "contiguous indices");
