@@ -30,11 +30,17 @@ from prefixserve.adapters.errors import (
     StoreError,
     StoreFullError,
 )
+from prefixserve.adapters.format import PeftAdapter
 from prefixserve.adapters.kv_prefix import embeddings_to_kv
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store import AdapterStore
 from prefixserve.adapters.store_dir import DirectoryStore
-from prefixserve.adapters.store_format import header_metadata
+from prefixserve.adapters.store_format import (
+    content_sha256,
+    encode_adapter,
+    header_metadata,
+    stored_content_sha256,
+)
 from prefixserve.adapters.stores import open_store
 from tests.s3_server import S3Server
 from tests.unit.test_adapter_format import LIMIT, SHAPE, peft_files
@@ -240,6 +246,28 @@ def test_a_file_changed_in_the_store_is_never_served(backend, caplog):
         load_safetensors(backend.read_raw("default", "a"))["prompt_embeddings"], other.embeddings
     )
     assert reg.get("default", ("b",)).num_virtual_tokens == 5  # other adapters unaffected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_content_hash_is_read_where_the_tensor_lies(dtype):
+    """A load hashes the stored tensor in place (stored_content_sha256) and gets the recorded hash, whatever
+    the config holds (non-ASCII text, quotes, backslashes, control characters); one byte changed, it does not."""
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": 3,
+        "note": 'ünïcode "q" \\ / \n\t \u0001 😀',
+    }
+    data, sha256 = encode_adapter(PeftAdapter(config, torch.randn(3, 40).to(dtype)), 1.0)
+    config_json = header_metadata(data)["adapter_config"]
+    assert (
+        stored_content_sha256(data, config_json)
+        == sha256
+        == content_sha256({"prompt_embeddings": load_safetensors(data)["prompt_embeddings"]}, config_json)
+    )
+    changed = bytearray(data)
+    changed[-1] ^= 1
+    assert stored_content_sha256(bytes(changed), config_json) != sha256
+    assert stored_content_sha256(b"\x08" + bytes(15), config_json) is None  # not a safetensors layout
 
 
 def test_unreadable_entries_are_skipped_in_listings(backend):

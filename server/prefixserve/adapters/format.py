@@ -215,7 +215,11 @@ def validate_adapter(
         _check_prefix_shape(adapter, shape)
     if not bool(torch.isfinite(adapter.embeddings).all()):
         raise InvalidAdapterError(f"'{TENSOR_NAME}' holds NaN or infinite values; the adapter is corrupt")
-    if dtype is not None and not bool(torch.isfinite(adapter.embeddings.to(dtype)).all()):
+    if (
+        dtype is not None
+        and dtype != adapter.embeddings.dtype
+        and not bool(torch.isfinite(adapter.embeddings.to(dtype)).all())
+    ):
         largest = float(adapter.embeddings.abs().max())
         raise InvalidAdapterError(
             f"'{TENSOR_NAME}' holds values up to {largest:.3g}, which overflow {str(dtype).removeprefix('torch.')}, "

@@ -70,7 +70,11 @@ def decode_verified(
     except (InvalidAdapterError, ValueError) as exc:
         raise unreadable(adapter_id, str(exc)) from None
     info = info_from_metadata(namespace, adapter_id, metadata, len(data), updated_at)
-    actual = content_sha256({TENSOR_NAME: embeddings}, metadata["adapter_config"])
+    actual = stored_content_sha256(data, metadata["adapter_config"])
+    if (
+        actual != info.sha256
+    ):  # the shortcut's header may differ from safetensors' own: the definition decides
+        actual = content_sha256({TENSOR_NAME: embeddings}, metadata["adapter_config"])
     if actual != info.sha256:
         log.error(
             "adapter %r of %r: %s hashes to %s, not the sha256 %s recorded at upload; refusing to serve it",
@@ -118,6 +122,27 @@ def unreadable(adapter_id: str, why: str) -> InvalidAdapterError:
 def content_sha256(tensors: dict[str, torch.Tensor], config_json: str) -> str:
     """The recorded hash: of the tensor and the config, serialized without the store's other metadata."""
     return hashlib.sha256(save_safetensors(tensors, metadata={"adapter_config": config_json})).hexdigest()
+
+
+def stored_content_sha256(data: bytes, config_json: str) -> str | None:
+    """content_sha256 of a stored file's tensor, hashed where it lies in the file: the header that
+    content_sha256 serializes is written out here as safetensors writes it (compact JSON, padded with spaces to
+    a multiple of 8), so the tensor is neither converted nor copied (serializing it again took 5 ms of a 1.5 MB
+    adapter's load in the engine; the hash alone 0.8). None for a file of another layout."""
+    try:
+        header = json.loads(data[8 : 8 + header_length(data)])
+        entry = header[TENSOR_NAME]
+        begin, end = entry["data_offsets"]
+        described = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, end - begin]}
+    except (ValueError, KeyError, TypeError):
+        return None
+    content = {"__metadata__": {"adapter_config": config_json}, TENSOR_NAME: described}
+    text = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + header_length(data)
+    digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
+    digest.update(memoryview(data)[start + begin : start + end])
+    return digest.hexdigest()
 
 
 def header_length(prefix: bytes) -> int:
