@@ -4,7 +4,8 @@ GPT-2 124M shape, random weights, prompt 32, greedy, T=20, 2 threads. Every poin
 requests (request i on adapter i % n) through one engine with `--rows` rows, spread over 1, 16, 256 or 1,024
 distinct adapters, all of them in the registry (memory) before the clock starts; the last point gives the
 registry room for only `--tight` adapters, so most requests load theirs from the store (a directory on disk)
-while others run.
+while others run. Requests are submitted as the server submits them: from a helper thread while the engine
+steps (`--submit engine`: all on the engine's thread first, every adapter load on the critical path).
 
     python -m bench.bench_adapter_scaling [--adapters 1,16,256,1024] [--rows 64] [--requests 1024] [--new 16]
 
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.bench_engine import VOCAB, bench_engine, build_adapters, build_model, make_engine
+from bench.runtime import run_as_served
 from bench.scratch import scratch_dir
 from prefixserve.adapters.format import read_adapter_dir
 
@@ -52,8 +54,16 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--tight", type=int, default=64, help="registry room, in adapters, at the last point")
     ap.add_argument("--repeats", type=int, default=1, help="best of, interleaved across the sweep")
+    ap.add_argument(
+        "--submit",
+        choices=["helper", "engine"],
+        default="helper",
+        help="submit (and so load adapters) on a helper thread while the engine steps, as the server does, "
+        "or on the engine's thread before the first step (every load on the critical path)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "adapter_scaling.json")
     args = ap.parse_args()
+    run_as_served()
     torch.set_num_threads(args.threads)
     counts = [int(n) for n in args.adapters.split(",")]
     tmp = scratch_dir("prefixserve-scaling-")
@@ -80,7 +90,9 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: drift in machine load hits every point alike
         for i, (n, _, cache) in enumerate(sweep):
             engine.registry._cache = cache
-            best[i] = max(best[i], tokens / bench_engine(engine, prompts, n, args.new))
+            best[i] = max(
+                best[i], tokens / bench_engine(engine, prompts, n, args.new, args.submit == "helper")
+            )
             print(f"  {n} adapters, registry room {sweep[i][1]}: {best[i]:.1f} tok/s", flush=True)
     print(f"{'distinct adapters':>18} {'registry room':>14} {'tokens/s':>9} {'vs 1 adapter':>13}")
     rows = []

@@ -12,6 +12,7 @@ import argparse
 import json
 import platform
 import statistics
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -21,11 +22,13 @@ from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from bench.runtime import run_as_served
 from bench.scratch import scratch_dir
 from prefixserve.adapters.format import read_adapter_dir
 from prefixserve.adapters.registry import AdapterRegistry
 from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.engine.cpu.kernels import native_kernels
+from prefixserve.engine.cpu.threads import single_threaded
 from prefixserve.engine.engine import LLMEngine
 from prefixserve.engine.limits import EngineLimits
 from prefixserve.engine.model_loader import load_model
@@ -131,15 +134,31 @@ def make_engine(
     return LLMEngine(loaded, registry, limits, kernels=native_kernels(attention, loaded.device, loaded.dtype))
 
 
-def bench_engine(engine: LLMEngine, prompts: torch.Tensor, n_adapters: int, new: int) -> float:
+def bench_engine(
+    engine: LLMEngine, prompts: torch.Tensor, n_adapters: int, new: int, submit_on_helper: bool = False
+) -> float:
+    """Seconds to serve `prompts` (request i on adapter i % n_adapters), every request queued at once.
+    Submitted on this thread before the first step, or with `submit_on_helper` from a helper thread while
+    this one steps, as the server does (api/streams.py): then a submit that loads its adapter from the store
+    overlaps the steps instead of preceding them."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     done = []
 
-    def run() -> None:
+    def submit_all() -> None:
         for i, prompt in enumerate(prompts):
             engine.submit(prompt.tolist(), ("default", (f"a{i % n_adapters}",)), params, done.append)
-        while engine.scheduler.has_work():
-            engine.step()
+
+    def run() -> None:
+        if not submit_on_helper:
+            submit_all()
+        submitter = threading.Thread(target=single_threaded(submit_all) if submit_on_helper else lambda: None)
+        submitter.start()
+        while submitter.is_alive() or engine.scheduler.has_work():
+            if engine.scheduler.has_work():
+                engine.step()
+            else:
+                time.sleep(0.0001)
+        submitter.join()
 
     with torch.inference_mode():
         seconds = timed(run)
@@ -168,6 +187,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    run_as_served()
     torch.set_num_threads(args.threads)
     tmp = scratch_dir("prefixserve-bench-")
     model_dir = build_model(tmp / "model")

@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 
 from bench.bench_engine import VOCAB, build_adapters, build_model, make_engine
+from bench.runtime import run_as_served
 from bench.scratch import scratch_dir
 from prefixserve.engine.sequence import SamplingParams
 
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--long", type=int, default=900)
     args = ap.parse_args()
+    run_as_served()
     torch.set_num_threads(args.threads)
     tmp = scratch_dir("prefixserve-long-")
     model_dir = build_model(tmp / "model")

@@ -27,6 +27,7 @@ from bench.bench_engine import (
     build_model,
     make_engine,
 )
+from bench.runtime import run_as_served
 from bench.scratch import scratch_dir
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--virtual", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    run_as_served()
     torch.set_num_threads(args.threads)
     tmp = scratch_dir("prefixserve-bench-")
     model_dir = build_model(tmp / "model")

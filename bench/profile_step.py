@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_engine import VOCAB, build_adapters, make_engine
 from bench.bench_vs_vllm import SHAPES
+from bench.runtime import run_as_served
 from bench.scratch import scratch_dir
 from prefixserve.engine.sequence import SamplingParams
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
+    run_as_served()
     torch.set_num_threads(args.threads)
     tmp = scratch_dir("prefixserve-profile-")
     model_dir = SHAPES[args.shape](tmp / "model")

@@ -44,7 +44,7 @@ def preload_tcmalloc(choice: str, sock: socket.socket) -> None:
     ~120 GEMM calls of a Qwen2.5-0.5B-shaped step (bench/RESULTS.md). Call before importing torch."""
     if choice == "system" or PRELOADED_MARK in os.environ or TCMALLOC in os.environ.get("LD_PRELOAD", ""):
         return
-    if not sys.platform.startswith("linux") or not _loadable(TCMALLOC):
+    if not tcmalloc_installed():
         if choice == "tcmalloc":
             raise StartupError(
                 f"--malloc tcmalloc: {TCMALLOC} is not installed (Debian/Ubuntu: apt-get install "
@@ -60,12 +60,12 @@ def preload_tcmalloc(choice: str, sock: socket.socket) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "prefixserve", *sys.argv[1:]], env)
 
 
-def _loadable(library: str) -> bool:
-    """Whether the dynamic loader finds `library` (asked of ldconfig's cache: loading an allocator into a
+def tcmalloc_installed() -> bool:
+    """Whether the dynamic loader finds tcmalloc (asked of ldconfig's cache: loading an allocator into a
     running process would mix two mallocs)."""
     from ctypes.util import find_library
 
-    return find_library(library.removeprefix("lib").split(".so")[0]) == library
+    return sys.platform.startswith("linux") and find_library("tcmalloc_minimal") == TCMALLOC
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -255,7 +255,7 @@ def test_serve_restarts_itself_with_tcmalloc_where_it_is_installed(execve, monke
     startup.preload_tcmalloc("tcmalloc", socket.socket())  # the restarted process goes on
     monkeypatch.delenv(startup.PRELOADED_MARK)
     startup.preload_tcmalloc("system", socket.socket())
-    monkeypatch.setattr(startup, "_loadable", lambda library: False)
+    monkeypatch.setattr(startup, "tcmalloc_installed", lambda: False)
     startup.preload_tcmalloc("auto", socket.socket())  # not installed: the C library's malloc, logged
     with pytest.raises(startup.StartupError, match="apt-get install libtcmalloc-minimal4"):
         startup.preload_tcmalloc("tcmalloc", socket.socket())
@@ -264,4 +264,4 @@ def test_serve_restarts_itself_with_tcmalloc_where_it_is_installed(execve, monke
 
 def test_the_machines_that_run_the_suite_have_tcmalloc():
     """setup-dev.sh installs it: the servers the suite starts run on it, as the image's do."""
-    assert startup._loadable(startup.TCMALLOC), "apt-get install libtcmalloc-minimal4 (scripts/setup-dev.sh)"
+    assert startup.tcmalloc_installed(), "apt-get install libtcmalloc-minimal4 (scripts/setup-dev.sh)"

@@ -90,6 +90,18 @@ def test_values_that_overflow_the_served_dtype_are_refused():
         validate_adapter(adapter, SHAPE, 64, torch.float16)
 
 
+@pytest.mark.parametrize("value", [-7e4, 7e4])
+def test_one_value_that_overflows_among_ordinary_ones_is_refused(value):
+    """The check looks at the extremes: one value past float16's 65,504, of either sign, anywhere."""
+    weights = torch.randn(5, SHAPE.token_width)
+    weights[3, 17] = value
+    files = {**peft_files(), "adapter_model.safetensors": save({"prompt_embeddings": weights})}
+    adapter = upload(files)
+    validate_adapter(adapter, SHAPE, 64, torch.bfloat16)
+    with pytest.raises(InvalidAdapterError, match="values up to 7e\\+04, which overflow float16"):
+        validate_adapter(adapter, SHAPE, 64, torch.float16)
+
+
 def test_a_deeply_nested_config_is_refused():
     files = {**peft_files(), "adapter_config.json": b"[" * 100_000 + b"]" * 100_000}
     with pytest.raises(InvalidAdapterError, match="nested too deeply"):
@@ -136,10 +148,12 @@ def test_too_many_virtual_tokens():
         validate_adapter(upload(peft_files(t=5)), SHAPE, max_virtual_tokens=4)
 
 
-def test_non_finite_values_are_refused():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_non_finite_values_are_refused(value, dtype):
     files = peft_files()
-    bad = torch.randn(5, SHAPE.token_width)
-    bad[2, 3] = float("nan")
+    bad = torch.randn(5, SHAPE.token_width).to(dtype)
+    bad[2, 3] = value
     files["adapter_model.safetensors"] = save({"prompt_embeddings": bad})
     with pytest.raises(InvalidAdapterError, match="NaN or infinite"):
         validate_adapter(upload(files), SHAPE, 64)

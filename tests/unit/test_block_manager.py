@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from prefixserve.engine.block_manager import BlockManager, RowBlocks
 
 
@@ -61,3 +63,28 @@ def test_own_blocks_are_apart_from_the_prefix_s_and_freeing_returns_everything()
     assert not set(row.blocks) & set(row.prefix_blocks)
     blocks.free(row)
     assert blocks.num_free == 8 and row.blocks == [] and row.prefix_key is None
+
+
+def test_the_free_count_stays_true_through_any_sequence_of_operations():
+    """num_free is kept as a running count (it is read for every waiting row every step); after each of a
+    few thousand random acquires, grows and frees it equals the count taken from the blocks themselves, and
+    every block is in exactly one place."""
+    rng = random.Random(0)
+    blocks = BlockManager(num_blocks=40, block_size=4)
+    rows: list[RowBlocks] = []
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.4 or not rows:
+            row = RowBlocks()
+            if blocks.acquire_prefix(row, f"p{rng.randrange(12)}", rng.randrange(1, 13)) is not None:
+                rows.append(row)
+        elif op < 0.7:
+            blocks.grow(rng.choice(rows), rng.randrange(1, 24))
+        else:
+            blocks.free(rows.pop(rng.randrange(len(rows))))
+        unused = [b for key in blocks._unused for b in blocks._prefixes[key].blocks]
+        assert blocks.num_free == len(blocks._free) + len(blocks._evictable) + len(unused)
+        in_use = [b for p in blocks._prefixes.values() for b in p.blocks] + [
+            b for r in rows for b in r.blocks
+        ]
+        assert sorted(in_use + blocks._free) == list(range(40))

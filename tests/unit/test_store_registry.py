@@ -6,8 +6,10 @@ the way) on the directory store. S3-only behaviour: tests/system/test_store_s3.p
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import random
 import threading
 import time
 import uuid
@@ -38,8 +40,10 @@ from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.adapters.store_format import (
     content_sha256,
     encode_adapter,
+    header_length,
     header_metadata,
     stored_content_sha256,
+    stored_tensor_view,
 )
 from prefixserve.adapters.stores import open_store
 from tests.s3_server import S3Server
@@ -195,6 +199,33 @@ def test_lru_evicts_by_bytes_and_counts(tmp_path):
     assert metrics.ADAPTER_CACHE_EVICTIONS.labels("prefix-tuning")._value.get() == evictions + 1
 
 
+def test_the_loaded_gauge_follows_loads_evictions_replacements_and_deletes(tmp_path):
+    """prefixserve_adapters_loaded is kept as a running count (walking the cache cost every load time in
+    proportion to the adapters cached); through random loads, compositions, uploads and deletes it equals
+    the single adapters the cache holds."""
+    rng = random.Random(0)
+    reg = registry(tmp_path, cache_bytes=SHAPE.token_width * 4 * 16)  # room for a few adapters of T=1..5
+    names = [f"a{i}" for i in range(8)]
+    for name in names:
+        reg.put("default", name, adapter(rng.randrange(1, 6)))
+    gauge = metrics.ADAPTERS_LOADED.labels("prefix-tuning")
+    for _ in range(300):
+        op, name = rng.random(), rng.choice(names)
+        if op < 0.6:
+            reg.get("default", (name,))
+        elif op < 0.75:
+            reg.get("default", (name, rng.choice(names)))
+        elif op < 0.9:
+            reg.put("default", name, adapter(rng.randrange(1, 6)))
+        else:
+            reg.delete("default", name)
+            reg.put("default", name, adapter(rng.randrange(1, 6)))
+        assert gauge._value.get() == sum(1 for key in reg._cache if len(key[1]) == 1)
+    reg.get("default", ("a0",))
+    reg._insert(("default", ("a0",)), reg._cache[("default", ("a0",))])  # an entry replaced in place
+    assert gauge._value.get() == sum(1 for key in reg._cache if len(key[1]) == 1)
+
+
 def test_replacement_by_another_replica_is_seen_within_the_refresh_time(backend):
     # The window is wide enough for the other replica's put to S3 on a loaded 2-core machine (0.2 s was not)
     reg = registry(backend.open(), refresh=1.0)
@@ -268,6 +299,32 @@ def test_the_content_hash_is_read_where_the_tensor_lies(dtype):
     changed[-1] ^= 1
     assert stored_content_sha256(bytes(changed), config_json) != sha256
     assert stored_content_sha256(b"\x08" + bytes(15), config_json) is None  # not a safetensors layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_a_load_reads_the_stored_tensor_in_place_and_only_from_its_own_layout(dtype):
+    """stored_tensor_view: the tensor as stored, without a copy, for the one layout encode_adapter writes;
+    None (safetensors then parses it, or says what is wrong) for any other."""
+    embeddings = torch.randn(3, 40).to(dtype)
+    data, _ = encode_adapter(
+        PeftAdapter({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3}, embeddings), 1.0
+    )
+    view = stored_tensor_view(data)
+    assert view is not None and view.dtype == dtype and torch.equal(view, embeddings)
+    assert view.untyped_storage().data_ptr() - 8 - header_length(data) == _address_of(data)  # in place
+    other_layouts = [
+        save_safetensors({"prompt_embeddings": embeddings, "extra": torch.zeros(1)}),
+        save_safetensors({"prompt_embeddings": embeddings.reshape(3, 4, 10)}),
+        save_safetensors({"prompt_embeddings": embeddings.to(torch.int32)}),
+        save_safetensors({"other_name": embeddings}),
+        data[:-1],
+        data + b"\0",
+    ]
+    assert all(stored_tensor_view(bytes(d)) is None for d in other_layouts)
+
+
+def _address_of(data: bytes) -> int:
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
 
 
 def test_unreadable_entries_are_skipped_in_listings(backend):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -65,8 +66,12 @@ def decode_verified(
     """Parse stored bytes, verifying their content against the sha256 recorded when they were stored.
     `where` (a path, an s3:// URL) goes to the log only."""
     try:
-        embeddings = parse_weights(data)
         metadata = header_metadata(data)
+        embeddings = stored_tensor_view(data)
+        if (
+            embeddings is None
+        ):  # not the layout prefixserve writes: safetensors parses it, or says what is wrong
+            embeddings = parse_weights(data)
     except (InvalidAdapterError, ValueError) as exc:
         raise unreadable(adapter_id, str(exc)) from None
     info = info_from_metadata(namespace, adapter_id, metadata, len(data), updated_at)
@@ -143,6 +148,33 @@ def stored_content_sha256(data: bytes, config_json: str) -> str | None:
     digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
     digest.update(memoryview(data)[start + begin : start + end])
     return digest.hexdigest()
+
+
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def stored_tensor_view(data: bytes) -> torch.Tensor | None:
+    """The stored tensor, read in place from `data` (which it keeps alive; never written to): a copy of a
+    1.5 MB adapter cost ~1 ms of a load in a busy engine, on memory fresh from the allocator. Only for the
+    layout encode_adapter writes (one 2-D float tensor filling the rest of the file); None otherwise."""
+    try:
+        n = header_length(data)
+        header = json.loads(data[8 : 8 + n])
+        entry = header[TENSOR_NAME]
+        dtype = STORED_DTYPES[entry["dtype"]]
+        rows, width = entry["shape"]
+        begin, end = entry["data_offsets"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    numel = rows * width if all(type(v) is int and v > 0 for v in (rows, width)) else 0
+    itemsize = dtype.itemsize
+    if set(header) - {"__metadata__", TENSOR_NAME} or begin != 0 or not numel or end != numel * itemsize:
+        return None
+    if len(data) != 8 + n + end or (8 + n) % itemsize:
+        return None
+    with warnings.catch_warnings():  # read-only memory, and read only: the registry copies it into its layout
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(data, dtype=dtype, count=numel, offset=8 + n).view(rows, width)
 
 
 def header_length(prefix: bytes) -> int:

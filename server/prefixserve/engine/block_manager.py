@@ -49,6 +49,7 @@ class BlockManager:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._prefixes: dict[Hashable, ResidentPrefix] = {}
         self._unused: OrderedDict[Hashable, None] = OrderedDict()  # resident, no row using it; LRU order
+        self._unused_blocks = 0  # their blocks, kept as a count: num_free is read per waiting row per step
         # The prompt cache: chain hash -> block and back; rows holding each shared block; cached blocks no
         # row holds, oldest first (a chain is released last block first, so its leaf goes before its root).
         self._cached: dict[bytes, int] = {}
@@ -60,9 +61,7 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out now, counting those of unused prefixes (evicted on demand)."""
-        return (
-            len(self._free) + len(self._evictable) + sum(len(self._prefixes[k].blocks) for k in self._unused)
-        )
+        return len(self._free) + len(self._evictable) + self._unused_blocks
 
     @property
     def num_cached(self) -> int:
@@ -91,7 +90,9 @@ class BlockManager:
             self._free.append(block)
         while len(self._free) < n:  # then the least recently used unused prefixes
             key, _ = self._unused.popitem(last=False)
-            self._free.extend(self._prefixes.pop(key).blocks)
+            blocks = self._prefixes.pop(key).blocks
+            self._unused_blocks -= len(blocks)
+            self._free.extend(blocks)
         return [self._free.pop() for _ in range(n)]
 
     # ----- the prompt cache -----------------------------------------------------------------------------
@@ -151,7 +152,9 @@ class BlockManager:
                 return None
             prefix = self._prefixes[key] = ResidentPrefix(blocks, num_tokens)
             fill = blocks
-        self._unused.pop(key, None)
+        elif key in self._unused:
+            del self._unused[key]
+            self._unused_blocks -= len(prefix.blocks)
         prefix.refs += 1
         row.prefix_key, row.prefix_blocks, row.prefix_len = key, prefix.blocks, prefix.num_tokens
         return fill
@@ -163,6 +166,7 @@ class BlockManager:
         prefix.refs -= 1
         if prefix.refs == 0:
             self._unused[row.prefix_key] = None
+            self._unused_blocks += len(prefix.blocks)
         row.prefix_key, row.prefix_blocks, row.prefix_len = None, [], 0
 
     # ----- rows -----------------------------------------------------------------------------------------
