@@ -157,7 +157,9 @@ class AdapterRegistry:
         if not adapter.is_prompt:
             kv = embeddings_to_kv(adapter.embeddings.to(self.dtype), self.shape).to(self.device)
             return LoadedPrefix(namespace, (adapter_id,), (sha256,), kv, method)
-        embeddings = adapter.embeddings.to(self.dtype)
+        # Its own memory (a few KB): the stored tensor may be a read-only view of the file it came from, and
+        # this one is the model's input.
+        embeddings = adapter.embeddings.to(self.dtype, copy=True)
         kv = self._materialize(embeddings, adapter.method)
         return LoadedPrefix(namespace, (adapter_id,), (sha256,), kv, method, embeddings)
 
