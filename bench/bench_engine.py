@@ -143,10 +143,15 @@ def bench_engine(
     overlaps the steps instead of preceding them."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     done = []
+    failures: list[BaseException] = []
 
     def submit_all() -> None:
-        for i, prompt in enumerate(prompts):
-            engine.submit(prompt.tolist(), ("default", (f"a{i % n_adapters}",)), params, done.append)
+        try:
+            for i, prompt in enumerate(prompts):
+                engine.submit(prompt.tolist(), ("default", (f"a{i % n_adapters}",)), params, done.append)
+        except BaseException as exc:  # raised again on the benchmark's thread, not only printed by threading
+            failures.append(exc)
+            raise
 
     def run() -> None:
         if not submit_on_helper:
@@ -159,6 +164,8 @@ def bench_engine(
             else:
                 time.sleep(0.0001)
         submitter.join()
+        if failures:
+            raise failures[0]
 
     with torch.inference_mode():
         seconds = timed(run)

@@ -39,6 +39,7 @@ from prefixserve.adapters.store import AdapterStore
 from prefixserve.adapters.store_dir import DirectoryStore
 from prefixserve.adapters.store_format import (
     content_sha256,
+    decode_verified,
     encode_adapter,
     header_length,
     header_metadata,
@@ -321,6 +322,34 @@ def test_a_load_reads_the_stored_tensor_in_place_and_only_from_its_own_layout(dt
         data + b"\0",
     ]
     assert all(stored_tensor_view(bytes(d)) is None for d in other_layouts)
+
+
+def _with_header(data: bytes, edit) -> bytes:
+    """`data` with its safetensors header JSON passed through `edit` (bytes -> bytes), re-padded."""
+    n = header_length(data)
+    header = edit(data[8 : 8 + n])
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: h.replace(b'"data_offsets":[0,', b'"data_offsets":[0.0,'),  # a float that equals an int
+        lambda h: h.replace(b'"data_offsets":[0,', b'"data_offsets":[8,'),  # past the tensor's bytes
+        lambda h: b"[" * 100_000 + b"]" * 100_000,  # nested too deeply for the JSON parser
+        lambda h: h.replace(b'"shape":[5,', b'"shape":[5.0,'),
+    ],
+    ids=["float-offset", "offset-past-data", "deep-nesting", "float-shape"],
+)
+def test_a_crafted_stored_header_is_unreadable_never_a_crash(edit):
+    """A stored file whose header was tampered with is refused with the store's "unreadable, upload it again"
+    error (InvalidAdapterError), not an exception of another kind out of the load path."""
+    data, _ = encode_adapter(adapter(t=5), 1.0)
+    decode_verified("default", "a", data, "test", 1.0)  # as stored: served
+    assert b'"data_offsets":[0,' in data and b'"shape":[5,' in data
+    with pytest.raises(InvalidAdapterError, match="unreadable|does not match"):
+        decode_verified("default", "a", _with_header(data, edit), "test", 1.0)
 
 
 def _address_of(data: bytes) -> int:

@@ -60,6 +60,10 @@ class _LoadedAdapters(LRUCache):
         if len(key[1]) == 1:
             self.kinds[entry.prefix.method] -= 1
 
+    def clear(self) -> None:  # cachetools' clear empties the data without __delitem__
+        super().clear()
+        self.kinds.clear()
+
     def popitem(self):  # type: ignore[override]
         item = super().popitem()
         metrics.ADAPTER_CACHE_EVICTIONS.labels(item[1].prefix.method).inc()

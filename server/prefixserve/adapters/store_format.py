@@ -70,10 +70,10 @@ def decode_verified(
         embeddings = stored_tensor_view(data)
         if (
             embeddings is None
-        ):  # not the layout prefixserve writes: safetensors parses it, or says what is wrong
+        ):  # not the layout prefixserve writes: safetensors parses it or says what's wrong
             embeddings = parse_weights(data)
-    except (InvalidAdapterError, ValueError) as exc:
-        raise unreadable(adapter_id, str(exc)) from None
+    except (InvalidAdapterError, ValueError, RecursionError) as exc:  # RecursionError: a header nested deeply
+        raise unreadable(adapter_id, str(exc) or type(exc).__name__) from None
     info = info_from_metadata(namespace, adapter_id, metadata, len(data), updated_at)
     actual = stored_content_sha256(data, metadata["adapter_config"])
     if (
@@ -135,22 +135,28 @@ def stored_content_sha256(data: bytes, config_json: str) -> str | None:
     a multiple of 8), so the tensor is neither converted nor copied (serializing it again took 5 ms of a 1.5 MB
     adapter's load in the engine; the hash alone 0.8). None for a file of another layout."""
     try:
-        header = json.loads(data[8 : 8 + header_length(data)])
+        start = 8 + header_length(data)
+        header = json.loads(data[8:start])
         entry = header[TENSOR_NAME]
         begin, end = entry["data_offsets"]
         described = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, end - begin]}
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= len(data) - start:
         return None
     content = {"__metadata__": {"adapter_config": config_json}, TENSOR_NAME: described}
     text = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    start = 8 + header_length(data)
     digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
     digest.update(memoryview(data)[start + begin : start + end])
     return digest.hexdigest()
 
 
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+# stored_tensor_view's tensors lie in a bytes object, read-only memory, and are only ever read (the pool write
+# and the registry's conversions copy out of them). Filtered once here: catch_warnings around each call is not
+# thread-safe, and loads run on several helper threads at once.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 def stored_tensor_view(data: bytes) -> torch.Tensor | None:
@@ -164,17 +170,16 @@ def stored_tensor_view(data: bytes) -> torch.Tensor | None:
         dtype = STORED_DTYPES[entry["dtype"]]
         rows, width = entry["shape"]
         begin, end = entry["data_offsets"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
-    numel = rows * width if all(type(v) is int and v > 0 for v in (rows, width)) else 0
-    itemsize = dtype.itemsize
-    if set(header) - {"__metadata__", TENSOR_NAME} or begin != 0 or not numel or end != numel * itemsize:
+    if not all(type(v) is int for v in (rows, width, begin, end)) or rows <= 0 or width <= 0:
+        return None
+    numel, itemsize = rows * width, dtype.itemsize
+    if set(header) - {"__metadata__", TENSOR_NAME} or begin != 0 or end != numel * itemsize:
         return None
     if len(data) != 8 + n + end or (8 + n) % itemsize:
         return None
-    with warnings.catch_warnings():  # read-only memory, and read only: the registry copies it into its layout
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(data, dtype=dtype, count=numel, offset=8 + n).view(rows, width)
+    return torch.frombuffer(data, dtype=dtype, count=numel, offset=8 + n).view(rows, width)
 
 
 def header_length(prefix: bytes) -> int:
