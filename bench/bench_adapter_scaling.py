@@ -1,13 +1,16 @@
 """Throughput as the number of distinct adapters grows (the S-LoRA question), in one run.
 
-GPT-2 124M shape, random weights, prompt 32, greedy, T=20, 2 threads. Every point of the sweep serves the same
+GPT-2 124M shape (`--shape qwen0.5b`: bench_vs_vllm's Qwen2.5-0.5B shape), random weights, fp32 (`--dtype`),
+prompt 32, greedy, T=20, 2 threads. Every point of the sweep serves the same
 requests (request i on adapter i % n) through one engine with `--rows` rows, spread over 1, 16, 256 or 1,024
 distinct adapters, all of them in the registry (memory) before the clock starts; the last point gives the
 registry room for only `--tight` adapters, so most requests load theirs from the store (a directory on disk)
-while others run. Requests are submitted as the server submits them: from a helper thread while the engine
+while others run. The prompt cache is emptied before each point (the same prompts recur across points).
+Requests are submitted as the server submits them: from a helper thread while the engine
 steps (`--submit engine`: all on the engine's thread first, every adapter load on the critical path).
 
     python -m bench.bench_adapter_scaling [--adapters 1,16,256,1024] [--rows 64] [--requests 1024] [--new 16]
+                                          [--shape gpt2|qwen0.5b] [--dtype float32|bfloat16]
 
 The 1,024 adapters are one PEFT adapter (`save_pretrained`) and copies of it with other random prefixes (the
 same files, other values): building 1,024 through PEFT would take longer than the sweep.
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.bench_engine import VOCAB, bench_engine, build_adapters, build_model, make_engine
+from bench.bench_engine import VOCAB, bench_engine, build_adapters, make_engine
+from bench.bench_vs_vllm import SHAPES
 from bench.runtime import run_as_served
 from bench.scratch import scratch_dir
 from prefixserve.adapters.format import read_adapter_dir
@@ -48,6 +52,8 @@ def clone_adapters(first: Path, out: Path, n: int) -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--adapters", default="1,16,256,1024", help="distinct adapters at each point")
     ap.add_argument("--requests", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=64)
@@ -67,17 +73,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     counts = [int(n) for n in args.adapters.split(",")]
     tmp = scratch_dir("prefixserve-scaling-")
-    model_dir = build_model(tmp / "model")
+    model_dir = SHAPES[args.shape](tmp / "model")
     adapters = clone_adapters(
         build_adapters(model_dir, tmp / "adapters", 1, 20)[0], tmp / "adapters", max(counts)
     )
     prompts = torch.randint(0, VOCAB - 1, (args.requests, 32), generator=torch.Generator().manual_seed(0))
-    engine = make_engine(model_dir, tmp / "store", adapters[:1], args.rows, 20 + 32 + args.new)
+    engine = make_engine(
+        model_dir, tmp / "store", adapters[:1], args.rows, 20 + 32 + args.new, dtype=args.dtype
+    )
     for i, path in enumerate(adapters[1:], start=1):
         engine.registry.put("default", f"a{i}", read_adapter_dir(path))
     engine.scheduler.max_waiting = args.requests  # every request queued at once
     bench_engine(engine, prompts[:2], 1, 4)  # warm-up
-    adapter_bytes = engine.loaded.kv_shape.token_width * 20 * 4
+    adapter_bytes = engine.loaded.kv_shape.token_width * 20 * engine.loaded.dtype.itemsize
     cache_type = type(engine.registry._cache)
     roomy = cache_type(maxsize=(max(counts) + 1) * adapter_bytes, getsizeof=lambda e: e.prefix.nbytes)
     tight = cache_type(maxsize=args.tight * adapter_bytes, getsizeof=lambda e: e.prefix.nbytes)
@@ -90,6 +98,10 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: drift in machine load hits every point alike
         for i, (n, _, cache) in enumerate(sweep):
             engine.registry._cache = cache
+            # Request i has the same prompt at every point, and on the same adapter at the two 1,024 points
+            # (and at i < 256 of the 256 point): their prompt blocks, cached by the point before, would skip
+            # prefills that this benchmark means to count.
+            engine.reset_prefix_cache().result()
             best[i] = max(
                 best[i], tokens / bench_engine(engine, prompts, n, args.new, args.submit == "helper")
             )
