@@ -5,7 +5,8 @@ prompt 32, greedy, T=20, 2 threads. Every point of the sweep serves the same
 requests (request i on adapter i % n) through one engine with `--rows` rows, spread over 1, 16, 256 or 1,024
 distinct adapters, all of them in the registry (memory) before the clock starts; the last point gives the
 registry room for only `--tight` adapters, so most requests load theirs from the store (a directory on disk)
-while others run. The prompt cache is emptied before each point (the same prompts recur across points).
+while others run. The prompt cache is emptied before each point (bench_engine does it: request i has the
+same prompt at every point, and the same adapter at both 1,024 points).
 Requests are submitted as the server submits them: from a helper thread while the engine
 steps (`--submit engine`: all on the engine's thread first, every adapter load on the critical path).
 
@@ -98,10 +99,6 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: drift in machine load hits every point alike
         for i, (n, _, cache) in enumerate(sweep):
             engine.registry._cache = cache
-            # Request i has the same prompt at every point, and on the same adapter at the two 1,024 points
-            # (and at i < 256 of the 256 point): their prompt blocks, cached by the point before, would skip
-            # prefills that this benchmark means to count.
-            engine.reset_prefix_cache().result()
             best[i] = max(
                 best[i], tokens / bench_engine(engine, prompts, n, args.new, args.submit == "helper")
             )

@@ -137,13 +137,17 @@ def make_engine(
 def bench_engine(
     engine: LLMEngine, prompts: torch.Tensor, n_adapters: int, new: int, submit_on_helper: bool = False
 ) -> float:
-    """Seconds to serve `prompts` (request i on adapter i % n_adapters), every request queued at once.
+    """Seconds to serve `prompts` (request i on adapter i % n_adapters), every request queued at once, the
+    prompt cache emptied first.
     Submitted on this thread before the first step, or with `submit_on_helper` from a helper thread while
     this one steps, as the server does (api/streams.py): then a submit that loads its adapter from the store
     overlaps the steps instead of preceding them."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     done = []
     failures: list[BaseException] = []
+    # Callers time the same prompts again (repeats, sweeps): blocks cached by an earlier call would skip the
+    # prefills this one means to count.
+    engine.reset_prefix_cache().result()
 
     def submit_all() -> None:
         try:
