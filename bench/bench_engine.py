@@ -144,30 +144,31 @@ def bench_engine(
     overlaps the steps instead of preceding them."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     done = []
-    failures: list[BaseException] = []
     # Callers time the same prompts again (repeats, sweeps): blocks cached by an earlier call would skip the
     # prefills this one means to count.
     engine.reset_prefix_cache().result()
+    failures: list[BaseException] = []  # a helper thread's exception, raised again on this one
 
     def submit_all() -> None:
         try:
             for i, prompt in enumerate(prompts):
                 engine.submit(prompt.tolist(), ("default", (f"a{i % n_adapters}",)), params, done.append)
-        except BaseException as exc:  # raised again on the benchmark's thread, not only printed by threading
+        except BaseException as exc:
             failures.append(exc)
-            raise
 
     def run() -> None:
-        if not submit_on_helper:
+        submitter = threading.Thread(target=single_threaded(submit_all)) if submit_on_helper else None
+        if submitter is None:
             submit_all()
-        submitter = threading.Thread(target=single_threaded(submit_all) if submit_on_helper else lambda: None)
-        submitter.start()
-        while submitter.is_alive() or engine.scheduler.has_work():
+        else:
+            submitter.start()
+        while (submitter is not None and submitter.is_alive()) or engine.scheduler.has_work():
             if engine.scheduler.has_work():
                 engine.step()
             else:
                 time.sleep(0.0001)
-        submitter.join()
+        if submitter is not None:
+            submitter.join()
         if failures:
             raise failures[0]
 

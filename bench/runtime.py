@@ -9,15 +9,14 @@ import os
 import sys
 
 from prefixserve.cli import RUNTIME_DEFAULTS
-from prefixserve.startup import PRELOADED_MARK, TCMALLOC, tcmalloc_installed
+from prefixserve.startup import PRELOADED_MARK, TCMALLOC, tcmalloc_installed, with_tcmalloc
 
 
 def run_as_served() -> None:
     """Restart this process (same command line) in serve's runtime, once; say which runtime it is."""
     if not os.environ.get(PRELOADED_MARK):
-        env = {**RUNTIME_DEFAULTS, **os.environ, PRELOADED_MARK: "1"}
-        if tcmalloc_installed():
-            env["LD_PRELOAD"] = ":".join(p for p in (TCMALLOC, os.environ.get("LD_PRELOAD", "")) if p)
+        env = {**RUNTIME_DEFAULTS, **os.environ}
+        env = with_tcmalloc(env) if tcmalloc_installed() else {**env, PRELOADED_MARK: "1"}
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     malloc = "tcmalloc" if TCMALLOC in os.environ.get("LD_PRELOAD", "") else "the C library's malloc"

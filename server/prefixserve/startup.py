@@ -14,6 +14,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from prefixserve.demo import DEMO_MODEL_NAME
@@ -52,12 +53,16 @@ def preload_tcmalloc(choice: str, sock: socket.socket) -> None:
             )
         log.info("memory allocator: the C library's (install libtcmalloc-minimal4 for 3-6%% faster steps)")
         return
-    preload = ":".join(p for p in (TCMALLOC, os.environ.get("LD_PRELOAD", "")) if p)
-    env = {**os.environ, "LD_PRELOAD": preload, PRELOADED_MARK: "1"}
     sock.close()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "prefixserve", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "prefixserve", *sys.argv[1:]], with_tcmalloc(os.environ))
+
+
+def with_tcmalloc(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with tcmalloc first in LD_PRELOAD, and marked so that the restarted process does not restart."""
+    preload = ":".join(p for p in (TCMALLOC, env.get("LD_PRELOAD", "")) if p)
+    return {**env, "LD_PRELOAD": preload, PRELOADED_MARK: "1"}
 
 
 def tcmalloc_installed() -> bool:

@@ -66,19 +66,17 @@ def decode_verified(
     """Parse stored bytes, verifying their content against the sha256 recorded when they were stored.
     `where` (a path, an s3:// URL) goes to the log only."""
     try:
-        metadata = header_metadata(data)
-        embeddings = stored_tensor_view(data)
-        if (
-            embeddings is None
-        ):  # not the layout prefixserve writes: safetensors parses it or says what's wrong
-            embeddings = parse_weights(data)
+        header, start = read_header(data)
+        metadata = metadata_of(header)
+        view = stored_tensor_view(data, header, start)
+        # not the layout prefixserve writes: safetensors parses it, or says what is wrong
+        embeddings = view if view is not None else parse_weights(data)
     except (InvalidAdapterError, ValueError, RecursionError) as exc:  # RecursionError: a header nested deeply
         raise unreadable(adapter_id, str(exc) or type(exc).__name__) from None
     info = info_from_metadata(namespace, adapter_id, metadata, len(data), updated_at)
-    actual = stored_content_sha256(data, metadata["adapter_config"])
-    if (
-        actual != info.sha256
-    ):  # the shortcut's header may differ from safetensors' own: the definition decides
+    actual = None if view is None else stored_content_sha256(data, header, start, metadata["adapter_config"])
+    # The shortcut's header may differ from safetensors' own serialization: the definition decides.
+    if actual != info.sha256:
         actual = content_sha256({TENSOR_NAME: embeddings}, metadata["adapter_config"])
     if actual != info.sha256:
         log.error(
@@ -129,29 +127,6 @@ def content_sha256(tensors: dict[str, torch.Tensor], config_json: str) -> str:
     return hashlib.sha256(save_safetensors(tensors, metadata={"adapter_config": config_json})).hexdigest()
 
 
-def stored_content_sha256(data: bytes, config_json: str) -> str | None:
-    """content_sha256 of a stored file's tensor, hashed where it lies in the file: the header that
-    content_sha256 serializes is written out here as safetensors writes it (compact JSON, padded with spaces to
-    a multiple of 8), so the tensor is neither converted nor copied (serializing it again took 5 ms of a 1.5 MB
-    adapter's load in the engine; the hash alone 0.8). None for a file of another layout."""
-    try:
-        start = 8 + header_length(data)
-        header = json.loads(data[8:start])
-        entry = header[TENSOR_NAME]
-        begin, end = entry["data_offsets"]
-        described = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, end - begin]}
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return None
-    if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= len(data) - start:
-        return None
-    content = {"__metadata__": {"adapter_config": config_json}, TENSOR_NAME: described}
-    text = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
-    digest.update(memoryview(data)[start + begin : start + end])
-    return digest.hexdigest()
-
-
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 # stored_tensor_view's tensors lie in a bytes object, read-only memory, and are only ever read (the pool write
 # and the registry's conversions copy out of them). Filtered once here: catch_warnings around each call is not
@@ -159,27 +134,41 @@ STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.floa
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-def stored_tensor_view(data: bytes) -> torch.Tensor | None:
+def stored_tensor_view(data: bytes, header: dict[str, Any], start: int) -> torch.Tensor | None:
     """The stored tensor, read in place from `data` (which it keeps alive; never written to): a copy of a
     1.5 MB adapter cost ~1 ms of a load in a busy engine, on memory fresh from the allocator. Only for the
-    layout encode_adapter writes (one 2-D float tensor filling the rest of the file); None otherwise."""
+    layout encode_adapter writes (one 2-D float tensor filling the file after its header, which `header` and
+    `start` are, from read_header); None otherwise."""
     try:
-        n = header_length(data)
-        header = json.loads(data[8 : 8 + n])
         entry = header[TENSOR_NAME]
         dtype = STORED_DTYPES[entry["dtype"]]
         rows, width = entry["shape"]
         begin, end = entry["data_offsets"]
-    except (ValueError, KeyError, TypeError, RecursionError):
+    except (KeyError, TypeError, ValueError):
         return None
     if not all(type(v) is int for v in (rows, width, begin, end)) or rows <= 0 or width <= 0:
         return None
     numel, itemsize = rows * width, dtype.itemsize
     if set(header) - {"__metadata__", TENSOR_NAME} or begin != 0 or end != numel * itemsize:
         return None
-    if len(data) != 8 + n + end or (8 + n) % itemsize:
+    if len(data) != start + end or start % itemsize:
         return None
-    return torch.frombuffer(data, dtype=dtype, count=numel, offset=8 + n).view(rows, width)
+    return torch.frombuffer(data, dtype=dtype, count=numel, offset=start).view(rows, width)
+
+
+def stored_content_sha256(data: bytes, header: dict[str, Any], start: int, config_json: str) -> str:
+    """content_sha256 of a stored file whose layout stored_tensor_view accepted, hashed where the tensor lies:
+    the header content_sha256 serializes is written out as safetensors writes it (compact JSON, padded with
+    spaces to a multiple of 8), so the tensor is neither converted nor copied (serializing it again took 5 ms
+    of a 1.5 MB adapter's load in the engine; the hash alone 0.8)."""
+    entry = header[TENSOR_NAME]
+    described = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": entry["data_offsets"]}
+    content = {"__metadata__": {"adapter_config": config_json}, TENSOR_NAME: described}
+    text = json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
+    digest.update(memoryview(data)[start:])
+    return digest.hexdigest()
 
 
 def header_length(prefix: bytes) -> int:
@@ -189,13 +178,22 @@ def header_length(prefix: bytes) -> int:
     return int.from_bytes(prefix[:8], "little")
 
 
-def header_metadata(data: bytes) -> dict[str, Any]:
-    """The `__metadata__` of a safetensors file, from its first 8 + header-length bytes (or all of it)."""
+def read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header, and where its tensor data starts."""
     n = header_length(data)
     if len(data) < 8 + n:
         raise ValueError(f"the header says {n} bytes but the file ends before")
     header = json.loads(data[8 : 8 + n])
     if not isinstance(header, dict):
         raise ValueError("the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def metadata_of(header: dict[str, Any]) -> dict[str, Any]:
     metadata = header.get("__metadata__", {})
     return metadata if isinstance(metadata, dict) else {}
+
+
+def header_metadata(data: bytes) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors file, from its first 8 + header-length bytes (or all of it)."""
+    return metadata_of(read_header(data)[0])

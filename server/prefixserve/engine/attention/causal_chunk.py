@@ -34,9 +34,8 @@ class CausalChunk:
     start: int
     queries: int
     before: int
-    context_index: (
-        torch.Tensor
-    )  # [kv_heads, before + queries] rows of the pool flattened to [heads * slots, d]
+    # [kv_heads, before + queries]: rows of the pool flattened to [heads * slots, head_dim]
+    context_index: torch.Tensor
 
     @classmethod
     def build(cls, layout: StepLayout, row: int, pool: KVPool) -> CausalChunk:

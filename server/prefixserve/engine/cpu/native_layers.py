@@ -67,11 +67,11 @@ class RopeStoreAttention(nn.Module):
             return self.inner(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         pool_dtype = batch.pool.dtype
         cos, sin = position_embeddings
+        partial_rotary = cos.shape[-1] != batch.pool.shape.head_dim  # not rotate_half over the whole head
         if (
             pool_dtype != hidden_states.dtype
             or cos.dtype != pool_dtype
-            or cos.shape[-1]
-            != batch.pool.shape.head_dim  # partial rotary: not rotate_half over the whole head
+            or partial_rotary
             or torch.is_grad_enabled()
         ):
             return self.inner(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
